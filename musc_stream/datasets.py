@@ -1,4 +1,4 @@
-"""Evaluation datasets on disk: discovery of MVTec-style and magnetic-tile folders, image and mask loading, seeded subsets.
+"""Evaluation datasets on disk: MVTec and magnetic-tile discovery, image and mask loading, seeded subsets.
 
 Two layouts are recognised (see ../shared/data/README.md for the magnetic tiles):
 

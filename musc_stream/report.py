@@ -90,6 +90,7 @@ def write_heatmap_grid(
     fig = Figure(figsize=(len(_GRID_COLUMNS) * GRID_CELL_INCHES, rows * GRID_CELL_INCHES))
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, len(_GRID_COLUMNS), squeeze=False)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.96, wspace=0.05, hspace=0.2)
     for row in range(rows):
         image = np.asarray(images[row].convert("RGB") if isinstance(images[row], Image.Image) else images[row])
         height, width = image.shape[:2]

@@ -91,16 +91,16 @@ def test_aupro_averages_over_8_connected_regions():
     maps[0, 0, 0] = 1.0
     maps[0, 1, 1] = 0.0
     maps[0, 8, 8:10] = 1.0
-    # Region means 1/2 and 1 -> 0.75 (4-connectivity would give (1 + 0 + 1)/3; pixel-wise 3/4 too,
-    # so the second image below separates region-wise from pixel-wise averaging).
+    # Regions 1/2 and 1 -> 0.75; 4-connectivity would split the pair: (1 + 0 + 1)/3.
     assert aupro(masks, maps) == pytest.approx(0.75)
+    # Region-wise, not pixel-wise, mean: (1 + 0)/2, where pixels would give 1/10.
     masks2 = np.zeros((1, 12, 12), bool)
     masks2[0, 0, 0] = True  # region of 1 pixel, covered
     masks2[0, 5:8, 5:8] = True  # region of 9 pixels, never covered
     maps2 = np.linspace(0.0, 0.99, 144).reshape(1, 12, 12)
     maps2[0, 0, 0] = 1.0
     maps2[0, 5:8, 5:8] = 0.0
-    assert aupro(masks2, maps2) == pytest.approx(0.5)  # pixel-wise would be 0.1
+    assert aupro(masks2, maps2) == pytest.approx(0.5)
 
 
 def test_aupro_random_map_is_low():

@@ -111,6 +111,39 @@ def nearest_distances(
     return out
 
 
+def aligned_nearest_distances(
+    queries: torch.Tensor, references: torch.Tensor, radius: int = 1
+) -> torch.Tensor:
+    """Nearest distance restricted to the same neighbourhood in each reference image.
+
+    For registered parts (MuSc issue #52): patch (y, x) of a query is compared only with patches
+    (y+dy, x+dx), |dy|, |dx| ≤ radius, of each reference. queries: (Q, L, C); references: (R, L, C)
+    on the same square grid. Returns (Q, L, R) fp32. Cost is (2·radius+1)² · L per pair instead of L².
+    """
+    q, num_patches, channels = queries.shape
+    r = references.shape[0]
+    side = grid_side(num_patches)
+    qg = queries.float().reshape(q, side, side, channels)
+    rg = references.float().reshape(r, side, side, channels)
+    q_sq = qg.pow(2).sum(-1)  # (Q, h, w)
+    r_sq = rg.pow(2).sum(-1)  # (R, h, w)
+    best = torch.full((q, side, side, r), float("inf"), device=queries.device)
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            # query rows/cols [ys, ye) meet reference rows/cols shifted by (dy, dx)
+            ys, ye = max(0, -dy), min(side, side - dy)
+            xs, xe = max(0, -dx), min(side, side - dx)
+            if ys >= ye or xs >= xe:
+                continue
+            qa = qg[:, ys:ye, xs:xe]  # (Q, h', w', C)
+            ra = rg[:, ys + dy : ye + dy, xs + dx : xe + dx]  # (R, h', w', C)
+            dots = torch.einsum("qyxc,ryxc->qyxr", qa, ra)
+            d_sq = q_sq[:, ys:ye, xs:xe, None] + r_sq[:, ys + dy : ye + dy, xs + dx : xe + dx].permute(1, 2, 0)[None] - 2 * dots
+            view = best[:, ys:ye, xs:xe]
+            torch.minimum(view, d_sq.clamp_min(0.0), out=view)
+    return best.reshape(q, num_patches, r).sqrt()
+
+
 def interval_average(distances: torch.Tensor, topmin_max: float = 0.3) -> torch.Tensor:
     """Mean of the smallest k per-reference distances along the last axis (§4.1, k_min = 0).
 

@@ -202,3 +202,24 @@ def test_musc_from_tokens_finds_the_defective_image():
     assert int(result.raw_scores.argmax()) == 6
     assert int(result.patch_maps[6].flatten().argmax()) == 14
     assert torch.isfinite(result.scores).all()
+
+
+def test_aligned_distances_radius_covering_grid_equals_full_search():
+    torch.manual_seed(6)
+    q = F.normalize(torch.randn(2, 16, 8), dim=-1)
+    refs = F.normalize(torch.randn(3, 16, 8), dim=-1)
+    from musc_stream.model.musc import aligned_nearest_distances
+
+    assert torch.allclose(aligned_nearest_distances(q, refs, radius=3), nearest_distances(q, refs), atol=1e-5)
+
+
+def test_aligned_distances_radius_zero_compares_same_position_only():
+    from musc_stream.model.musc import aligned_nearest_distances
+
+    q = torch.zeros(1, 4, 2)
+    q[0, :, 0] = 1.0
+    refs = torch.zeros(1, 4, 2)
+    refs[0, :, 1] = 1.0
+    refs[0, 3] = torch.tensor([1.0, 0.0])  # only position 3 matches
+    d = aligned_nearest_distances(q, refs, radius=0)[0, :, 0]
+    assert torch.allclose(d, torch.tensor([math.sqrt(2)] * 3 + [0.0]), atol=1e-6)
