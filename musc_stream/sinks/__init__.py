@@ -1,0 +1,1 @@
+"""Where decisions go: MQTT results and alerts, the Parquet audit log, Prometheus metrics."""
