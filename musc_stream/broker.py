@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -54,6 +55,8 @@ class LocalBroker:
     def config_text(self) -> str:
         lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "max_queued_messages 100000",
                  "max_inflight_messages 0", "log_type error", "log_type warning"]
+        if os.geteuid() == 0:
+            lines.append("user root")  # as root mosquitto would switch to user "mosquitto" and lose write access
         if self.persistence_dir is not None:
             self.persistence_dir.mkdir(parents=True, exist_ok=True)
             lines += ["persistence true", f"persistence_location {self.persistence_dir}/", "autosave_interval 1"]

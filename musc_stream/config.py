@@ -315,6 +315,8 @@ class AuditSettings(_Section):
 
 class StateSettings(_Section):
     dir: Path = Field(Path("./state"), description="Memory snapshots: saved on shutdown, loaded on start.")
+    snapshot_interval_s: float = Field(60.0, gt=0, description="Also save the state this often, seconds, "
+                                       "so a crash or SIGKILL loses at most this much memory.")
 
 
 class MetricsSettings(_Section):

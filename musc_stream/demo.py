@@ -36,6 +36,7 @@ class DemoFrame:
     payload: bytes
     label: int  # 1 = known defect (from the data set), 0 = normal, -1 = deliberately broken payload
     note: str
+    line: str = "tile-a"
 
 
 @dataclass
@@ -46,19 +47,21 @@ class Collected:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-def magnetic_tile_frames(root: Path, n_frames: int, defect_rate: float, seed: int) -> list[DemoFrame]:
-    """Real frames: MT_Free with defects mixed in after the first 8 frames (seeded)."""
+def magnetic_tile_frames(root: Path, n_frames: int, defect_rate: float, seed: int,
+                         group: str = "exp1") -> list[DemoFrame]:
+    """Real frames of one capture set-up (``group``, e.g. exp1: one camera and lighting, as on a
+    line): MT_Free with defects mixed in after the first 8 frames, seeded."""
     rng = random.Random(seed)
-    free = sorted((root / "MT_Free" / "Imgs").glob("*.jpg"))
+    free = sorted((root / "MT_Free" / "Imgs").glob(f"{group}_*.jpg"))
     defects = sorted(p for d in ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
-                     for p in (root / d / "Imgs").glob("*.jpg"))
+                     for p in (root / d / "Imgs").glob(f"{group}_*.jpg"))
     n_def = max(1, round(n_frames * defect_rate))
     normals = rng.sample(free, n_frames - n_def)
     chosen = rng.sample(defects, n_def)
     tail = [(p, 0) for p in normals[8:]] + [(p, 1) for p in chosen]
     rng.shuffle(tail)
     ordered = [(p, 0) for p in normals[:8]] + tail
-    return [DemoFrame(f"{p.parent.parent.name}-{p.stem}", p.read_bytes(), label,
+    return [DemoFrame(f"{p.parent.parent.name.removeprefix('MT_')}-{p.stem}", p.read_bytes(), label,
                       p.parent.parent.name.removeprefix("MT_")) for p, label in ordered]
 
 
@@ -114,7 +117,7 @@ def _subscribe_results(host: str, port: int, protocol: str, expected: int, out: 
 def _print_progress(record: dict, done: int, expected: int) -> None:
     flag = "ANOMALY" if record["is_anomaly"] else ("warm-up" if record["warmup"] else "ok")
     threshold = "-" if record["threshold"] is None else f"{record['threshold']:.3f}"
-    print(f"  [{done:3d}/{expected}] {record['frame_id']:<28} score {record['score']:.3f}  "
+    print(f"  [{done:3d}/{expected}] {record['line']:<7} {record['frame_id']:<24} score {record['score']:.3f}  "
           f"threshold {threshold:>6}  {flag}", flush=True)
 
 
@@ -124,16 +127,24 @@ def run_demo(out_dir: Path, data_root: Path | None, n_frames: int = 48, defect_r
     from musc_stream.service import Service
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    per_line = max(10, n_frames // 2)
     if data_root is not None and (data_root / "MT_Free").is_dir():
-        frames = magnetic_tile_frames(data_root, n_frames, defect_rate, seed)
-        source = f"real magnetic-tile frames from {data_root}"
+        # Two lines, each one capture set-up of the data set, interleaved as two cameras would be.
+        line_a = magnetic_tile_frames(data_root, per_line, defect_rate, seed, group="exp1")
+        line_b = magnetic_tile_frames(data_root, per_line, defect_rate, seed + 1, group="exp4")
+        source = f"real magnetic-tile frames from {data_root} (line tile-a: set-up exp1, tile-b: exp4)"
     else:
-        frames = texture_frames(n_frames, defect_rate, seed)
+        line_a = texture_frames(per_line, defect_rate, seed)
+        line_b = texture_frames(per_line, defect_rate, seed + 1)
+        for i, f in enumerate(line_b):
+            f.frame_id = f"b-{f.frame_id}"
         source = "scikit-image brick texture with painted defects (magnetic-tile data not found)"
+    for f in line_b:
+        f.line = "tile-b"
+    frames = [f for pair in zip(line_a, line_b) for f in pair]
     # Two broken payloads show the error path: the stream keeps flowing around them.
-    frames.insert(12, DemoFrame("corrupt-jpeg", frames[0].payload[:200], -1, "truncated JPEG"))
-    frames.insert(20, DemoFrame("not-an-image", b"hello, this is not an image", -1, "text"))
-    line = "tile-1"
+    frames.insert(24, DemoFrame("corrupt-jpeg", frames[0].payload[:200], -1, "truncated JPEG"))
+    frames.insert(30, DemoFrame("not-an-image", b"hello, this is not an image", -1, "text", "tile-b"))
     with LocalBroker() as broker:
         print(f"broker: {broker.kind} on {broker.host}:{broker.port} (MQTT {broker.protocol})", flush=True)
         base = settings or load_settings(None, env={})
@@ -150,10 +161,11 @@ def run_demo(out_dir: Path, data_root: Path | None, n_frames: int = 48, defect_r
         collected = Collected()
         viewer = _subscribe_results(broker.host, broker.port, broker.protocol, len(frames), collected)
         camera = Camera(broker.host, broker.port, broker.protocol, client_id="musc-demo-camera")
-        print(f"camera: replaying {len(frames)} frames on line/{line}/frames ({source})", flush=True)
+        print(f"cameras: replaying {len(frames)} frames on line/tile-a/frames and line/tile-b/frames ({source})",
+              flush=True)
         started = time.monotonic()
         for f in frames:
-            camera.publish(line, f.payload, frame_id=f.frame_id, camera="demo-cam")
+            camera.publish(f.line, f.payload, frame_id=f.frame_id, camera=f"cam-{f.line}")
         finished = collected.done.wait(timeout=60 + 5 * len(frames))
         elapsed = time.monotonic() - started
         metrics_text = _scrape(service.metrics_port)
@@ -202,15 +214,15 @@ def _write_outputs(out_dir: Path, frames: list[DemoFrame], got: Collected, sourc
         "audit_files": len(list((out_dir / "audit").rglob("*.parquet"))),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    rows = ["| frame | truth | score | threshold | decision |", "|---|---|---|---|---|"]
+    rows = ["| line | frame | truth | score | threshold | decision |", "|---|---|---|---|---|---|"]
     for f in frames:
         r = got.results.get(f.frame_id)
         if r is None:
-            rows.append(f"| {f.frame_id} | {f.note} | – | – | error |")
+            rows.append(f"| {f.line} | {f.frame_id} | {f.note} | – | – | error |")
             continue
         decision = "ANOMALY" if r["is_anomaly"] else ("warm-up" if r["warmup"] else "ok")
         threshold = "–" if r["threshold"] is None else f"{r['threshold']:.3f}"
-        rows.append(f"| {f.frame_id} | {f.note} | {r['score']:.3f} | {threshold} | {decision} |")
+        rows.append(f"| {f.line} | {f.frame_id} | {f.note} | {r['score']:.3f} | {threshold} | {decision} |")
     text = "\n".join([
         "# musc-stream demo", "", f"Source: {source}.", "",
         *(f"- {k.replace('_', ' ')}: {v}" for k, v in summary.items() if k != "source"), "",

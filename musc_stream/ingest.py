@@ -78,7 +78,6 @@ class Ingest:
             return
         frame.ack = ack
         self.metrics.observe_received(frame.line)
-        self.metrics.observe_stage("decode", frame.decode_s)
         self._enqueue(frame, frame.line)
 
     def _enqueue(self, item: WorkItem, line: str | None) -> None:

@@ -79,7 +79,9 @@ class Service:
         backbone = self._backbone or backbone_from_settings(s)
         self._warm_up(backbone)
         self.engine = Engine(backbone, EngineConfig.from_settings(s))
-        self.engine.load_state(Path(s.state.dir))
+        for line in self.engine.load_state(Path(s.state.dir)):
+            state = self.engine.lines[line]
+            self.metrics.set_memory_patches(line, state.memory_size)
         self.metrics.set_info(model=f"{backbone.spec.name}@{backbone.image_size}", weights=backbone.weights_label)
         logger.info("model %s at %d px, weights: %s", backbone.spec.name, backbone.image_size, backbone.weights_label)
         self.audit = AuditLog(Path(s.audit.dir), rotate_s=s.audit.rotate_s) if s.audit.enabled else None
@@ -193,6 +195,7 @@ class Service:
     def _loop(self) -> None:
         interval = systemd.watchdog_interval_s()
         last_ping = 0.0
+        last_snapshot = time.monotonic()
         while not self.stop_event.is_set():
             items = self._next_batch()
             if items:
@@ -200,6 +203,9 @@ class Service:
             if self.audit is not None:
                 self.audit.maybe_rotate()
             now = time.monotonic()
+            if now - last_snapshot >= self.settings.state.snapshot_interval_s:
+                last_snapshot = now
+                self._snapshot()
             if now - last_ping >= (interval / 2 if interval else 5.0):
                 last_ping = now
                 systemd.watchdog()
@@ -223,9 +229,8 @@ class Service:
                 failures.append(item)
             else:
                 resets.append(item)
-        for command in resets:
+        for command in resets:  # counted as a changeover on the line's next decision
             self.engine.reset(command.line)
-            self.metrics.changeovers.labels(line=command.line).inc()
         decisions: list[Decision] = []
         if frames:
             self.metrics.observe_batch(len(frames))
@@ -248,8 +253,6 @@ class Service:
             self._ack(d.ack)
             self._remember(d.line, d.frame_id)
             self.metrics.observe_decision(d)
-            if d.changeover:
-                self.metrics.changeovers.labels(line=d.line).inc()
             state = self.engine.lines[d.line]
             self.metrics.set_window_fill(d.line, len(state.window))
             self.metrics.set_memory_patches(d.line, state.memory_size)
@@ -260,8 +263,14 @@ class Service:
             self.metrics.observe_failure(f)
         for command in resets:
             self._ack(command.ack)
-        self.metrics.observe_stage("publish", publish_s)
         self.frames_done += len(decisions)
+
+    def _snapshot(self) -> None:
+        """Periodic state save from the engine thread (the only thread touching the engine)."""
+        try:
+            self.engine.save_state(Path(self.settings.state.dir))
+        except OSError:
+            logger.exception("state snapshot failed; will retry")
 
     def _make_durable(self, decisions: list[Decision], failures: list[FrameFailure]) -> None:
         """Audit rows on disk before any ack; retried until it succeeds or the service stops."""

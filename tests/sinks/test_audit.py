@@ -184,6 +184,18 @@ def test_a_deleted_partition_directory_is_recreated(tmp_path, clock):
     assert pq.read_table(path).column("frame_id").to_pylist() == ["f1", "f2"]
 
 
+def test_a_row_the_schema_cannot_hold_is_refused_at_write(tmp_path, clock):
+    """Refused at write, so it can never sit in the buffer and fail every later flush."""
+    with AuditLog(tmp_path, clock=clock) as log:
+        huge = Region(0, 0, 2**40, 1, 0.5, 1)  # int32 column
+        with pytest.raises((TypeError, ValueError)):
+            log.write_decision(_decision("a", "bad", regions=[huge]))
+        assert log.pending_rows == 0
+        log.write_decision(_decision("a", "good"))
+        (path,) = log.flush()
+    assert pq.read_table(path).column("frame_id").to_pylist() == ["good"]
+
+
 def test_flush_rewrites_one_file_per_partition_until_rotation(tmp_path, clock):
     log = AuditLog(tmp_path, rotate_s=60.0, clock=clock)
     log.write_decision(_decision("a", "f1"))
