@@ -66,17 +66,20 @@ class Camera:
             return self.client.publish(topic, payload, qos=1, properties=props)
         return self.client.publish(topic, encode_envelope(payload, frame_id, ts, camera), qos=1)
 
-    def replay(self, line: str, files: Sequence[Path], fps: float = 0.0, camera: str | None = None,
-               ids: Iterable[str] | None = None) -> int:
-        """Publish ``files`` in order at ``fps`` (0: as fast as possible); returns frames sent."""
+    def replay(self, line: str, files: Sequence[Path], fps: float = 0.0, camera: str | None = None) -> int:
+        """Publish image ``files`` in order at ``fps`` (0: as fast as possible), ids from file names."""
+        return self.replay_payloads(line, [p.read_bytes() for p in files], [p.stem for p in files], fps, camera)
+
+    def replay_payloads(self, line: str, payloads: Sequence[bytes], ids: Iterable[str], fps: float = 0.0,
+                        camera: str | None = None) -> int:
+        """Publish encoded frames in order at ``fps`` (0: as fast as possible); returns frames sent."""
         period = 1.0 / fps if fps > 0 else 0.0
-        ids = list(ids) if ids is not None else [p.stem for p in files]
         start = time.monotonic()
-        for i, (path, frame_id) in enumerate(zip(files, ids)):
+        for i, (payload, frame_id) in enumerate(zip(payloads, ids)):
             if period:
                 time.sleep(max(0.0, start + i * period - time.monotonic()))
-            self.publish(line, path.read_bytes(), frame_id=frame_id, camera=camera)
-        return len(files)
+            self.publish(line, payload, frame_id=frame_id, camera=camera)
+        return len(payloads)
 
     def close(self) -> None:
         self.client.disconnect()
