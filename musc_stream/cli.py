@@ -22,11 +22,24 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2, no traceback."""
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s",
-    )
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line, for journald/Loki."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": record.created, "level": record.levelname, "logger": record.name,
+                 "thread": record.threadName, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
 def _add_model_args(p: argparse.ArgumentParser, image_size: int = 224) -> None:
@@ -121,9 +134,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from musc_stream.config import describe_settings, load_settings
+    from musc_stream.config import describe_settings
 
-    print(describe_settings(load_settings(Path(args.config) if args.config else None)))
+    print(describe_settings(_settings(args)))
     return 0
 
 
@@ -146,14 +159,13 @@ def cmd_serve(args) -> int:
     from musc_stream.service import Service
 
     settings = _settings(args)
-    logging.getLogger().setLevel(settings.log.level)
+    _setup_logging(settings.log.level, settings.log.format)
     service = Service(settings)
     try:
         service.start()
     except WeightsNotFoundError as exc:
         raise UserError(str(exc)) from exc
-    service.run()
-    return 0
+    return service.run()
 
 
 def cmd_replay(args) -> int:

@@ -236,7 +236,9 @@ class EngineSettings(_Section):
 
 class MemorySettings(_Section):
     enabled: bool = Field(True, description="Keep a patch memory of recent normal frames per line.")
-    max_patches_per_line: int = Field(50_000, ge=1, description="Cap of the memory per line; the oldest "
+    r_list: tuple[int, ...] = Field((3,), min_length=1, description="LNAMD degrees whose feature sets enter "
+                                    "the memory; search cost grows with their number (4 sets per degree).")
+    max_patches_per_line: int = Field(20_000, ge=1, description="Cap of the memory per line; the oldest "
                                       "patches go first.")
     patches_per_frame: int = Field(256, ge=1, description="Patches sampled from each normal frame.")
     max_age_s: float | None = Field(3600.0, gt=0, description="Patches older than this are dropped, seconds. "

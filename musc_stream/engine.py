@@ -65,7 +65,8 @@ class EngineConfig:
     drift_threshold: float | None = 0.25  # 1 − best cosine to the window; None disables detection
     drift_patience: int = 3
     memory_enabled: bool = True
-    memory_max_patches: int = 50_000
+    memory_r_list: tuple[int, ...] = (3,)  # LNAMD degrees whose sets enter the memory (cost ∝ sets)
+    memory_max_patches: int = 20_000
     memory_patches_per_frame: int = 256
     memory_max_age_s: float = 3600.0
     memory_k: int = 1
@@ -77,6 +78,12 @@ class EngineConfig:
     threshold_overrides: dict[str, float] = field(default_factory=dict)
     distance_dtype: torch.dtype | None = None
 
+    def __post_init__(self) -> None:
+        if not set(self.memory_r_list) <= set(self.r_list):
+            raise ValueError(f"memory r_list {self.memory_r_list} must be a subset of r_list {self.r_list}")
+        if self.min_references > self.window_size:
+            raise ValueError("min_references must not exceed window_size")
+
     @classmethod
     def from_settings(cls, settings) -> "EngineConfig":
         """Build from the service's ``Settings`` (config.py)."""
@@ -87,7 +94,7 @@ class EngineConfig:
             window_size=e.window_size, min_references=e.min_references,
             r_list=tuple(mo.r_list), topmin_max=mo.topmin_max, score_mode=e.score_mode,
             aligned=e.aligned, aligned_radius=e.aligned_radius, drift_threshold=e.drift_threshold,
-            memory_enabled=m.enabled, memory_max_patches=m.max_patches_per_line,
+            memory_enabled=m.enabled, memory_r_list=tuple(m.r_list), memory_max_patches=m.max_patches_per_line,
             memory_patches_per_frame=m.patches_per_frame, memory_max_age_s=m.max_age_s,
             memory_k=m.k, memory_use_gpu=use_gpu, threshold_k_mad=t.k_mad,
             threshold_warmup=t.warmup_frames, threshold_history=t.history,
@@ -158,7 +165,7 @@ class LineState:
         self.changeover_pending = False
         self.frames_scored = 0
 
-    def ensure_memory(self, sets: dict[str, torch.Tensor]) -> PatchMemory:
+    def ensure_memory(self, sets: dict[str, np.ndarray]) -> PatchMemory:
         if self.memory is None:
             dims = {k: int(v.shape[-1]) for k, v in sets.items()}
             self.memory = PatchMemory(
@@ -195,7 +202,7 @@ class Engine:
         self._memory_metadata = {
             "backbone": backbone.spec.name, "weights": backbone.weights_label,
             "image_size": backbone.image_size, "layers": ",".join(map(str, backbone.layers)),
-            "r_list": ",".join(map(str, config.r_list)),
+            "r_list": ",".join(map(str, config.memory_r_list)),
         }
 
     # -- state -----------------------------------------------------------------------------
@@ -249,12 +256,12 @@ class Engine:
         changeover = self._check_drift(state, item)
         if len(state.window) < self.config.min_references:
             state.pending.append(item)
-            if len(state.window) + len(state.pending) < self.config.min_references + 1:
-                return []  # keep holding until the warm-up set can score mutually
+            if len(state.window) + len(state.pending) < self.config.min_references:
+                return []  # keep holding until min_references frames can score each other
             return self._score_warmup(state)
         start = time.perf_counter()
         window_map = self._window_map(state, item.sets)
-        memory_map = self._memory_map(state, item.sets)
+        memory_map = self._memory_map(state, item.sets) if self.config.score_mode != "window" else None
         patch_map = self._combine(window_map, memory_map)
         decision = self._decide(state, item, patch_map, window_map, memory_map, warmup=False,
                                 scoring_s=time.perf_counter() - start)
@@ -302,13 +309,18 @@ class Engine:
             per_set.append(interval_average(dist[0], self.config.topmin_max))  # (L,)
         return torch.stack(per_set).mean(0)
 
+    def _memory_sets(self, sets: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The feature sets the memory keeps, as CPU arrays for FAISS."""
+        keep = tuple(f"_r{r}" for r in self.config.memory_r_list)
+        return {k: v.detach().float().cpu().numpy() for k, v in sets.items() if k.endswith(keep)}
+
     def _memory_map(self, state: LineState, sets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if not self.config.memory_enabled or state.memory_size == 0:
             return None
         state.memory.expire(self.clock())
         if len(state.memory) == 0:
             return None
-        arrays = {k: v.detach().float().cpu().numpy() for k, v in sets.items()}
+        arrays = self._memory_sets(sets)
         score = state.memory.score(arrays, k=self.config.memory_k)
         return torch.as_tensor(score, dtype=torch.float32, device=next(iter(sets.values())).device)
 
@@ -368,16 +380,16 @@ class Engine:
         """Every frame joins the window (MSM tolerates a few defects there); only frames judged
         normal with a known threshold feed the long memory."""
         state.window.add(item.sets, item.image_feature)
-        if (self.config.memory_enabled and not decision.is_anomaly
+        if (self.config.memory_enabled and self.config.score_mode != "window" and not decision.is_anomaly
                 and state.threshold.value is not None and not decision.warmup):
-            arrays = {k: v.detach().float().cpu().numpy() for k, v in item.sets.items()}
-            state.ensure_memory(item.sets).add(arrays, decision.ts)
+            arrays = self._memory_sets(item.sets)
+            state.ensure_memory(arrays).add(arrays, decision.ts)
 
     def _feature_dims(self) -> dict[str, int]:
         """Width of every feature set, from one forward pass of a blank image."""
         blank = np.zeros((self.backbone.image_size, self.backbone.image_size, 3), np.uint8)
         tokens = self.backbone.embed([blank], batch_size=1).patch_tokens
-        return {f"l{li}_r{r}": int(t.shape[-1]) for r in self.config.r_list for li, t in enumerate(tokens)}
+        return {f"l{li}_r{r}": int(t.shape[-1]) for r in self.config.memory_r_list for li, t in enumerate(tokens)}
 
     # -- persistence -----------------------------------------------------------------------
     def save_state(self, directory: Path) -> None:

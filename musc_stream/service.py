@@ -74,6 +74,7 @@ class Service:
     def start(self, ready_timeout_s: float | None = None) -> None:
         """Load the model, open sinks, connect and subscribe; READY to systemd once live."""
         s = self.settings
+        self.metrics.set_queue_capacity(s.engine.queue_size)
         if s.metrics.enabled:
             self._metrics_server, self.metrics_port = start_http_server(self.metrics, s.metrics.host, s.metrics.port)
         backbone = self._backbone or backbone_from_settings(s)
@@ -93,15 +94,19 @@ class Service:
         systemd.ready()
         logger.info("service ready: %s on %s:%d", self.topics.subscribe_frames, s.mqtt.host, s.mqtt.port)
 
-    def run(self) -> None:
-        """Block until SIGTERM/SIGINT (or stop_event), then stop cleanly."""
+    def run(self) -> int:
+        """Block until SIGTERM/SIGINT (or stop_event), then stop cleanly. Returns the exit code:
+        non-zero when the engine thread died, so systemd's Restart=on-failure restarts us."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
+        code = 0
         while not self.stop_event.wait(0.5):
             if self._thread is not None and not self._thread.is_alive():
                 logger.error("engine thread died; stopping so systemd restarts the service")
+                code = 1
                 break
         self.stop()
+        return code
 
     def stop(self) -> None:
         """Undo start in reverse: finish the batch in hand, flush audit, save state, say offline."""

@@ -115,6 +115,8 @@ class Metrics:
             buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge(
             "musc_queue_depth", "Frames waiting between ingest and the engine.", registry=r)
+        self.queue_capacity = Gauge(
+            "musc_queue_capacity", "Size of the bounded ingest queue (frames).", registry=r)
         self.window_fill = Gauge(
             "musc_window_fill", "Frames in the line's rolling window.", ["line"], registry=r)
         self.memory_patches = Gauge(
@@ -192,6 +194,9 @@ class Metrics:
 
     def set_queue_depth(self, n: int) -> None:
         self.queue_depth.set(n)
+
+    def set_queue_capacity(self, n: int) -> None:
+        self.queue_capacity.set(n)
 
     def set_window_fill(self, line: str, n: int) -> None:
         """Set a line's window fill directly (after a reset, before its next decision)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -208,6 +209,7 @@ def _decision(line: str, n: int) -> Decision:
 def _feed(live: LiveMetrics) -> None:
     """Observe a decision per line every 0.1 s, so counters move between scrapes (rate() > 0)."""
     m = live.metrics
+    m.set_queue_capacity(256)  # as Service.start does
     n = 0
     while not live._stop.wait(0.1):
         for line in live.lines:
@@ -304,18 +306,18 @@ def render_prometheus_config(template: str, target: str, rules: Path) -> str:
     return yaml.safe_dump(config)
 
 
-@pytest.fixture(scope="session")
-def prometheus(live_metrics: LiveMetrics, tmp_path_factory: pytest.TempPathFactory
-               ) -> Iterator[PrometheusServer]:
+@contextlib.contextmanager
+def running_prometheus(target: str, directory: Path) -> Iterator[PrometheusServer]:
+    """Debian's Prometheus with the shipped config and rules, scraping `target` (host:port) every
+    second; returns once it has scraped the target twice (rate() has data from then on)."""
     assert shutil.which("prometheus"), "prometheus missing: scripts/setup.sh installs it"
-    d = tmp_path_factory.mktemp("prometheus")
-    config = d / "prometheus.yml"
-    config.write_text(render_prometheus_config(PROMETHEUS_YML.read_text(),
-                                               f"127.0.0.1:{live_metrics.server.port}", RULES))
+    config = directory / "prometheus.yml"
+    config.write_text(render_prometheus_config(PROMETHEUS_YML.read_text(), target, RULES))
     port = free_port()
-    log_file = d / "prometheus.log"
+    log_file = directory / "prometheus.log"
     with log_file.open("wb") as log:
-        proc = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={d / 'data'}",
+        proc = subprocess.Popen(["prometheus", f"--config.file={config}",
+                                 f"--storage.tsdb.path={directory / 'data'}",
                                  f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
                                 stdout=log, stderr=subprocess.STDOUT)
     server = PrometheusServer(f"http://127.0.0.1:{port}", log_file)
@@ -327,9 +329,8 @@ def prometheus(live_metrics: LiveMetrics, tmp_path_factory: pytest.TempPathFacto
 
     try:
         wait_for(ready, f"prometheus on port {port}")
-        # Two scrapes with moving counters: rate() has something to say from here on.
         wait_for(lambda: server.query('count_over_time(up{job="musc-stream"}[1m]) >= 2'),
-                 "two scrapes of the metrics endpoint")
+                 f"two scrapes of {target}")
         yield server
     finally:
         proc.terminate()
@@ -338,3 +339,11 @@ def prometheus(live_metrics: LiveMetrics, tmp_path_factory: pytest.TempPathFacto
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def prometheus(live_metrics: LiveMetrics, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[PrometheusServer]:
+    with running_prometheus(f"127.0.0.1:{live_metrics.server.port}",
+                            tmp_path_factory.mktemp("prometheus")) as server:
+        yield server

@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from musc_stream.config import MQTT_PASSWORD_CREDENTIAL, load_settings
 
 REPO = Path(__file__).resolve().parents[2]

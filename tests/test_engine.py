@@ -1,0 +1,141 @@
+"""Tests of the streaming engine with a small random backbone (weights do not matter here) and
+real texture photos from scikit-image."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+from skimage import data
+
+from musc_stream.engine import Engine, EngineConfig
+from musc_stream.model.backbone import BackboneSpec, load_backbone
+from musc_stream.records import Frame
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone(BackboneSpec(name="random-vit-tiny", pretrained=None, image_size=112))
+
+
+def crops(texture: np.ndarray, n: int, seed: int, defects: set[int] = frozenset(), size: int = 160):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        y, x = rng.integers(0, texture.shape[0] - size, 2)
+        img = np.stack([texture[y:y + size, x:x + size]] * 3, -1).copy()
+        if i in defects:
+            img[60:100, 60:100] = 255
+        out.append(img)
+    return out
+
+
+def frames_for(line, images, start=0):
+    now = time.time()
+    return [Frame(line=line, frame_id=str(start + i), ts=now + i, image=img, received_at=now)
+            for i, img in enumerate(images)]
+
+
+def run(engine, frames):
+    decisions = []
+    for f in frames:
+        decisions.extend(engine.process([f]))
+    return decisions
+
+
+def test_warmup_holds_first_frames_then_scores_all_without_nan(backbone):
+    engine = Engine(backbone, EngineConfig(window_size=8, min_references=5))
+    frames = frames_for("a", crops(data.brick(), 7, seed=0))
+    assert engine.process(frames[:4]) == []  # held: not enough references yet
+    held = engine.process(frames[4:5])
+    assert [d.frame_id for d in held] == ["0", "1", "2", "3", "4"]
+    assert all(d.warmup and math.isfinite(d.score) for d in held)
+    later = engine.process(frames[5:6])
+    assert later[0].window_size == 5 and later[0].frame_id == "5"
+
+
+def test_painted_defect_scores_highest_and_gets_regions(backbone):
+    config = EngineConfig(window_size=8, min_references=5, threshold_warmup=5, threshold_k_mad=3.0)
+    engine = Engine(backbone, config)
+    images = crops(data.brick(), 24, seed=1, defects={20})
+    decisions = run(engine, frames_for("a", images))
+    scores = {d.frame_id: d.score for d in decisions}
+    assert max(scores, key=scores.get) == "20"
+    defect = next(d for d in decisions if d.frame_id == "20")
+    assert defect.is_anomaly and defect.heatmap.shape == (160, 160)
+    box = defect.regions[0]
+    assert box.x0 < 100 and box.x1 > 60 and box.y0 < 100 and box.y1 > 60  # overlaps the painted square
+
+
+def test_memory_holds_only_frames_judged_normal(backbone):
+    config = EngineConfig(window_size=6, min_references=5, threshold_warmup=5, threshold_k_mad=3.0,
+                          memory_patches_per_frame=10)
+    engine = Engine(backbone, config)
+    decisions = run(engine, frames_for("a", crops(data.brick(), 24, seed=2, defects={18, 21})))
+    fed = [d for d in decisions if not d.warmup and not d.is_anomaly and d.threshold is not None]
+    assert engine.lines["a"].memory_size == 10 * len(fed) > 0
+    assert any(d.memory_score is not None for d in decisions)
+
+
+def test_window_mode_never_builds_a_memory(backbone):
+    engine = Engine(backbone, EngineConfig(window_size=6, score_mode="window", threshold_warmup=5))
+    decisions = run(engine, frames_for("a", crops(data.brick(), 16, seed=3)))
+    assert engine.lines["a"].memory is None
+    assert all(d.memory_score is None for d in decisions)
+
+
+def test_lines_are_independent_and_reset_starts_over(backbone):
+    engine = Engine(backbone, EngineConfig(window_size=6, min_references=5))
+    run(engine, frames_for("a", crops(data.brick(), 8, seed=4)))
+    run(engine, frames_for("b", crops(data.grass(), 3, seed=4)))
+    assert len(engine.lines["a"].window) == 6 and len(engine.lines["b"].pending) == 3
+    engine.reset("a")
+    assert len(engine.lines["a"].window) == 0
+    out = run(engine, frames_for("a", crops(data.brick(), 5, seed=5), start=100))
+    assert [d.changeover for d in out] == [True, False, False, False, False]
+    assert all(d.warmup for d in out)
+
+
+def test_drift_to_another_product_triggers_changeover(backbone):
+    engine = Engine(backbone, EngineConfig(window_size=8, min_references=5, drift_threshold=0.02,
+                                           drift_patience=3))
+    run(engine, frames_for("a", crops(data.brick(), 10, seed=6)))
+    after = run(engine, frames_for("a", crops(data.gravel(), 8, seed=6), start=10))
+    assert any(d.changeover for d in after)
+
+
+def test_aligned_mode_scores_and_flags_the_defect(backbone):
+    engine = Engine(backbone, EngineConfig(window_size=8, aligned=True, aligned_radius=1, threshold_warmup=5))
+    images = crops(data.brick(), 16, seed=7, defects={14})
+    decisions = run(engine, frames_for("a", images))
+    scores = {d.frame_id: d.score for d in decisions}
+    assert max(scores, key=scores.get) == "14"
+
+
+def test_state_round_trip_restores_memory_and_threshold(backbone, tmp_path):
+    config = EngineConfig(window_size=6, threshold_warmup=5, memory_patches_per_frame=16)
+    engine = Engine(backbone, config)
+    run(engine, frames_for("line-1", crops(data.brick(), 20, seed=8)))
+    before = engine.lines["line-1"]
+    engine.save_state(tmp_path)
+    fresh = Engine(backbone, config)
+    assert fresh.load_state(tmp_path) == ["line-1"]
+    after = fresh.lines["line-1"]
+    assert after.memory_size == before.memory_size > 0
+    assert after.threshold.value == pytest.approx(before.threshold.value)
+
+
+def test_state_from_another_model_is_refused(backbone, tmp_path):
+    config = EngineConfig(window_size=6, threshold_warmup=5, memory_patches_per_frame=16)
+    engine = Engine(backbone, config)
+    run(engine, frames_for("x", crops(data.brick(), 16, seed=9)))
+    engine.save_state(tmp_path)
+    other = load_backbone(BackboneSpec(name="random-vit-tiny", pretrained=None, image_size=128))
+    fresh = Engine(other, config)
+    fresh.load_state(tmp_path)
+    assert fresh.lines["x"].memory is None  # image size differs: the snapshot is not trusted
+
+
+def test_memory_degrees_must_be_scored_degrees():
+    with pytest.raises(ValueError):
+        EngineConfig(r_list=(1, 3), memory_r_list=(5,))
