@@ -33,7 +33,8 @@ class Camera:
     JSON envelope. Publishing while the broker is away queues frames and sends them on reconnect."""
 
     def __init__(self, host: str, port: int, protocol: str = "5", client_id: str = "musc-camera",
-                 prefix: str = "line", username: str | None = None, password: str | None = None):
+                 prefix: str = "line", username: str | None = None, password: str | None = None,
+                 ca_file: str | None = None):
         self.prefix = prefix
         self.v5 = protocol == "5"
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -41,6 +42,8 @@ class Camera:
                                   clean_session=None if self.v5 else False)
         if username:
             self.client.username_pw_set(username, password)
+        if ca_file:  # TLS, trusting only this CA (the broker's certificate must name the host)
+            self.client.tls_set(ca_certs=str(ca_file))
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(1, 2)
         self.connected = threading.Event()

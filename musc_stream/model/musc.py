@@ -104,10 +104,15 @@ def nearest_distances(
         block = references[start : start + refs_per_block]
         b = block.reshape(-1, channels)
         b_sq = b.float().pow(2).sum(-1)  # (B·M,)
-        dots = (a_mm @ b.to(mm_dtype).T).float()  # (Q·L, B·M), fp32 accumulation on GPU half types
-        dist_sq = (a_sq + b_sq - 2.0 * dots).clamp_min_(0.0)
-        dist_sq = dist_sq.reshape(q, num_q, block.shape[0], num_r).amin(dim=-1)  # (Q, L, B)
-        out[:, :, start : start + block.shape[0]] = dist_sq.sqrt_()
+        # min_b ‖a−b‖² = ‖a‖² + min_b (‖b‖² − 2ab): one fused matmul pass over the big block,
+        # the ‖a‖² term and the clamp only on the reduced (Q·L, B) result.
+        if mm_dtype == torch.float32:
+            partial = torch.addmm(b_sq[None, :], a_mm, b.T, alpha=-2.0)  # (Q·L, B·M)
+        else:  # half-precision matmul (fp32 accumulation on GPUs), sum in fp32
+            partial = (a_mm @ b.to(mm_dtype).T).float().mul_(-2.0).add_(b_sq)
+        nearest = partial.reshape(q * num_q, block.shape[0], num_r).amin(dim=-1)  # (Q·L, B)
+        dist = (nearest + a_sq).clamp_min_(0.0).sqrt_()
+        out[:, :, start : start + block.shape[0]] = dist.reshape(q, num_q, block.shape[0])
     return out
 
 
