@@ -163,7 +163,7 @@ def cmd_serve(args) -> int:
     service = Service(settings)
     try:
         service.start()
-    except WeightsNotFoundError as exc:
+    except (WeightsNotFoundError, ConnectionRefusedError) as exc:
         raise UserError(str(exc)) from exc
     return service.run()
 

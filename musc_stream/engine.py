@@ -315,10 +315,14 @@ class Engine:
         return {k: v.detach().float().cpu().numpy() for k, v in sets.items() if k.endswith(keep)}
 
     def _memory_map(self, state: LineState, sets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Nearest-patch distance to the line's memory, once the memory holds at least as many
+        frames as the window: a memory of one or two frames only adds noise to the score."""
         if not self.config.memory_enabled or state.memory_size == 0:
             return None
         state.memory.expire(self.clock())
-        if len(state.memory) == 0:
+        num_patches = next(iter(sets.values())).shape[0]
+        per_frame = min(num_patches, self.config.memory_patches_per_frame)
+        if len(state.memory) < len(state.window) * per_frame:
             return None
         arrays = self._memory_sets(sets)
         score = state.memory.score(arrays, k=self.config.memory_k)

@@ -88,7 +88,8 @@ def run_batch_eval(
         progress(f"{name}: loading {len(samples)} images", index, len(names))
         images = [load_image(s.path) for s in samples]
         progress(f"{name}: scoring", index, len(names))
-        result = score_batch(images, backbone, settings, batch_size=batch_size, map_size=(side, side))
+        result = score_batch(images, backbone, settings, batch_size=batch_size, map_size=(side, side),
+                             on_step=lambda done, total: progress(f"{name}: MSM set", done, total))
         labels = np.array([s.label for s in samples])
         masks = np.stack([load_mask(s, (side, side)) for s in samples])
         maps = np.stack(result.maps)
@@ -220,7 +221,8 @@ def run_stream_eval(
     progress("batch MuSc", 0, 1)
     side = backbone.image_size
     started = time.perf_counter()
-    batch = musc_from_tokens(features.patch_tokens, features.image_features, batch_settings, (side, side))
+    batch = musc_from_tokens(features.patch_tokens, features.image_features, batch_settings, (side, side),
+                             on_step=lambda done, total: progress("batch MuSc (r, layer) sets", done, total))
     batch_s = time.perf_counter() - started
     rows = [{"mode": "batch MuSc (all frames, RsCIN)", "window": len(stream),
              **image_metrics(labels, batch.scores.numpy()), "score_s_per_frame": batch_s / len(stream)}]

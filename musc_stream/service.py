@@ -31,7 +31,10 @@ from musc_stream.sinks.mqtt import MqttPublisher
 
 logger = logging.getLogger(__name__)
 
-_RECENT_IDS = 20_000  # decided (line, frame_id) pairs remembered to drop redelivered duplicates
+_RECENT_IDS = 20_000
+# CONNACK reasons no retry can cure: client id invalid, bad user/password, not authorized, banned,
+# bad auth method (MQTT 5 codes; paho maps MQTT 3.1.1's 2, 4, 5 onto them).
+_PERMANENT_REFUSALS = {0x85, 0x86, 0x87, 0x8A, 0x8C}  # decided (line, frame_id) pairs remembered to drop redelivered duplicates
 
 
 def resolve_device(device: str) -> str:
@@ -58,6 +61,8 @@ class Service:
         self.work: queue.Queue[WorkItem] = queue.Queue(maxsize=settings.engine.queue_size)
         self.stop_event = threading.Event()
         self.subscribed = threading.Event()
+        self.refused: str | None = None  # the broker's reason, when it refused us for good
+        self._stopped = False
         self._backbone = backbone
         self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._thread: threading.Thread | None = None
@@ -72,7 +77,15 @@ class Service:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, ready_timeout_s: float | None = None) -> None:
-        """Load the model, open sinks, connect and subscribe; READY to systemd once live."""
+        """Load the model, open sinks, connect and subscribe; READY to systemd once live. On any
+        failure everything already started is stopped again before the error propagates."""
+        try:
+            self._start(ready_timeout_s)
+        except BaseException:
+            self.stop(save_state=False)
+            raise
+
+    def _start(self, ready_timeout_s: float | None) -> None:
         s = self.settings
         self.metrics.set_queue_capacity(s.engine.queue_size)
         if s.metrics.enabled:
@@ -87,12 +100,22 @@ class Service:
         logger.info("model %s at %d px, weights: %s", backbone.spec.name, backbone.image_size, backbone.weights_label)
         self.audit = AuditLog(Path(s.audit.dir), rotate_s=s.audit.rotate_s) if s.audit.enabled else None
         self._connect()
-        if not self.subscribed.wait(ready_timeout_s):
-            raise TimeoutError(f"no subscription to {s.mqtt.host}:{s.mqtt.port} within {ready_timeout_s} s")
+        self._wait_for_subscription(ready_timeout_s)
         self._thread = threading.Thread(target=self._loop, name="musc-engine", daemon=True)
         self._thread.start()
         systemd.ready()
         logger.info("service ready: %s on %s:%d", self.topics.subscribe_frames, s.mqtt.host, s.mqtt.port)
+
+    def _wait_for_subscription(self, timeout_s: float | None) -> None:
+        """Block until the frame subscription is live; a refusal that retrying cannot cure (bad
+        credentials, banned, bad client id) ends start-up at once with the broker's reason."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        s = self.settings.mqtt
+        while not self.subscribed.wait(0.1):
+            if self.refused is not None:
+                raise ConnectionRefusedError(f"broker {s.host}:{s.port} refused the service: {self.refused}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"no subscription to {s.host}:{s.port} within {timeout_s} s")
 
     def run(self) -> int:
         """Block until SIGTERM/SIGINT (or stop_event), then stop cleanly. Returns the exit code:
@@ -108,15 +131,19 @@ class Service:
         self.stop()
         return code
 
-    def stop(self) -> None:
-        """Undo start in reverse: finish the batch in hand, flush audit, save state, say offline."""
+    def stop(self, save_state: bool = True) -> None:
+        """Undo start in reverse: finish the batch in hand, flush audit, save state, say offline.
+        Safe to call twice and after a failed start."""
+        if self._stopped:
+            return
+        self._stopped = True
         systemd.stopping()
         self.stop_event.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
         if self.audit is not None:
             self.audit.close()
-        if self.engine is not None:
+        if self.engine is not None and save_state:
             self.engine.save_state(Path(self.settings.state.dir))
         if self.client is not None:
             # Frames still queued or held for warm-up are not acked: the broker redelivers them.
@@ -154,6 +181,8 @@ class Service:
         if reason_code.is_failure:
             logger.error("broker refused connection: %s", reason_code)
             self.metrics.set_mqtt_connected(False)
+            if reason_code.value in _PERMANENT_REFUSALS and not self.subscribed.is_set():
+                self.refused = str(reason_code)
             return
         logger.info("connected to broker (session present: %s)", flags.session_present)
         self.metrics.set_mqtt_connected(True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ def score_batch(
     settings: MuscSettings = MuscSettings(),
     batch_size: int = 8,
     map_size: tuple[int, int] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> BatchResult:
     """Run batch MuSc on ``images`` (N ≥ 2, one product) and return scores and maps.
 
@@ -57,7 +58,7 @@ def score_batch(
     _synchronize(backbone.device)
     extracted = time.perf_counter()
     side = backbone.image_size
-    result = musc_from_tokens(features.patch_tokens, features.image_features, settings, (side, side))
+    result = musc_from_tokens(features.patch_tokens, features.image_features, settings, (side, side), on_step)
     maps = []
     for i, image in enumerate(images):
         size = map_size or _size_hw(image)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -221,23 +221,28 @@ def rscin(
 
 
 def fuse_patch_scores(
-    layer_tokens: Sequence[torch.Tensor], settings: MuscSettings = MuscSettings()
+    layer_tokens: Sequence[torch.Tensor],
+    settings: MuscSettings = MuscSettings(),
+    on_step: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """LNAMD + MSM for every (r, layer) pair, averaged over layers then r (§4.2).
 
-    layer_tokens: per tapped layer (N, L, C). Returns (N, L) float64.
+    layer_tokens: per tapped layer (N, L, C). Returns (N, L) float64. ``on_step(done, total)`` is
+    called after each of the len(r_list)·layers MSM runs (progress for long batches).
     """
+    total = len(settings.r_list) * len(layer_tokens)
     per_r = []
     for r in settings.r_list:
-        per_layer = [
-            mutual_scores(
+        per_layer = []
+        for tokens in layer_tokens:
+            per_layer.append(mutual_scores(
                 lnamd(tokens, r),
                 settings.topmin_max,
                 distance_dtype=settings.distance_dtype,
                 block_bytes=settings.block_bytes,
-            ).double()
-            for tokens in layer_tokens
-        ]
+            ).double())
+            if on_step is not None:
+                on_step(len(per_r) * len(layer_tokens) + len(per_layer), total)
         per_r.append(torch.stack(per_layer).mean(dim=0))
     return torch.stack(per_r).mean(dim=0)
 
@@ -257,6 +262,7 @@ def musc_from_tokens(
     image_features: torch.Tensor,
     settings: MuscSettings = MuscSettings(),
     score_size: tuple[int, int] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> MuscResult:
     """Batch MuSc on extracted tokens: fused patch maps, raw max scores and RsCIN scores.
 
@@ -265,7 +271,7 @@ def musc_from_tokens(
     """
     n, num_patches, _ = layer_tokens[0].shape
     side = grid_side(num_patches)
-    maps = fuse_patch_scores(layer_tokens, settings).reshape(n, side, side)  # (N, h, w)
+    maps = fuse_patch_scores(layer_tokens, settings, on_step).reshape(n, side, side)  # (N, h, w)
     raw = image_scores_from_maps(maps, score_size or (side, side))
     final = rscin(raw, image_features.to(raw.device), settings.rscin_windows)
     return MuscResult(patch_maps=maps, raw_scores=raw, scores=final)
