@@ -150,7 +150,8 @@ def run_demo(out_dir: Path, data_root: Path | None, n_frames: int = 48, defect_r
         base = settings or load_settings(None, env={})
         s = base.model_copy(update={
             "mqtt": base.mqtt.model_copy(update={"host": broker.host, "port": broker.port,
-                                                  "protocol": broker.protocol, "instance": "demo"}),
+                                                  "protocol": broker.protocol, "instance": "demo",
+                                                  "client_id": "musc-stream-demo"}),
             "audit": base.audit.model_copy(update={"dir": out_dir / "audit"}),
             "state": base.state.model_copy(update={"dir": out_dir / "state"}),
             "metrics": base.metrics.model_copy(update={"port": free_port(), "host": "127.0.0.1"}),

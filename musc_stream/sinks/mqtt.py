@@ -60,14 +60,18 @@ def error_record(f: FrameFailure, instance: str) -> dict[str, Any]:
             "reason": f.reason, "detail": f.detail, "received_at": f.received_at, "instance": instance}
 
 
-def heatmap_png(heatmap: np.ndarray, image: np.ndarray | None = None, vmax: float | None = None) -> bytes:
+def heatmap_png(heatmap: np.ndarray, image: np.ndarray | None = None, vmin: float | None = None,
+                vmax: float | None = None) -> bytes:
     """A JET-coloured PNG of the map at frame size, blended over the frame when given.
 
-    Colours span [0, vmax] (vmax: the larger of the map max and twice the threshold, chosen by the
-    caller) so that a faint map stays dark instead of being stretched to red.
+    Colours span [vmin, vmax]; the publisher uses the map's median (the frame's normal background
+    turns blue) up to the larger of the map's max and the threshold (only what exceeds the
+    threshold reaches red).
     """
-    top = float(vmax if vmax is not None else heatmap.max()) or 1.0
-    rgb = colormaps["jet"](np.clip(heatmap / top, 0.0, 1.0))[..., :3]
+    low = float(np.median(heatmap) if vmin is None else vmin)
+    high = float(heatmap.max() if vmax is None else vmax)
+    span = high - low if high > low else 1.0
+    rgb = colormaps["jet"](np.clip((heatmap - low) / span, 0.0, 1.0))[..., :3]
     if image is not None and image.shape[:2] == heatmap.shape:
         rgb = 0.5 * rgb + 0.5 * (image[..., :3] / 255.0)
     buffer = io.BytesIO()
@@ -103,8 +107,8 @@ class MqttPublisher:
             return
         png = None
         if d.heatmap is not None:
-            vmax = max(float(d.heatmap.max()), 2.0 * (d.threshold or 0.0))
-            png = heatmap_png(d.heatmap, image, vmax)
+            vmax = max(float(d.heatmap.max()), d.threshold or 0.0)
+            png = heatmap_png(d.heatmap, image, vmax=vmax)
         alert = dict(record, type="anomaly")
         if png is not None and self.heatmap_mode in ("inline", "both"):
             alert["heatmap_png_b64"] = base64.b64encode(png).decode("ascii")
