@@ -261,7 +261,9 @@ class ThresholdSettings(_Section):
                                    "scores (robust to the anomalies it is looking for).")
     warmup_frames: int = Field(10, ge=1, description="Normal scores a line needs before its threshold is "
                                "adaptive.")
-    k_mad: float = Field(6.0, gt=0, description="Robust standard deviations above the median that alert.")
+    k_mad: float = Field(4.0, gt=0, description="Robust standard deviations above the median that alert "
+                         "(4: the smallest k without false alarms in benchmarks/results/threshold_sweep.md "
+                         "and in the demo).")
     history: int = Field(200, ge=2, description="Recent normal scores kept per line.")
     default_threshold: float | None = Field(None, description="Threshold during warm-up. null: no alerts "
                                             "during warm-up.")

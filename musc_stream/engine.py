@@ -71,7 +71,7 @@ class EngineConfig:
     memory_max_age_s: float = 3600.0
     memory_k: int = 1
     memory_use_gpu: bool | None = None
-    threshold_k_mad: float = 6.0
+    threshold_k_mad: float = 4.0
     threshold_warmup: int = 10
     threshold_history: int = 200
     threshold_default: float | None = None

@@ -35,7 +35,7 @@ class AdaptiveThreshold:
 
     def __init__(
         self,
-        k_mad: float = 6.0,
+        k_mad: float = 4.0,
         warmup_frames: int = 10,
         history: int = 200,
         default: float | None = None,
