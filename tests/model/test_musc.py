@@ -223,3 +223,8 @@ def test_aligned_distances_radius_zero_compares_same_position_only():
     refs[0, 3] = torch.tensor([1.0, 0.0])  # only position 3 matches
     d = aligned_nearest_distances(q, refs, radius=0)[0, :, 0]
     assert torch.allclose(d, torch.tensor([math.sqrt(2)] * 3 + [0.0]), atol=1e-6)
+
+
+def test_rscin_window_zero_turns_it_off_as_in_the_reference():
+    scores = torch.tensor([0.3, 0.9, 0.5])
+    assert torch.equal(rscin(scores, torch.rand(3, 4), (0,)), scores)
