@@ -163,7 +163,6 @@ class LineState:
         )
         self.drift_run = 0
         self.changeover_pending = False
-        self.frames_scored = 0
 
     def ensure_memory(self, sets: dict[str, np.ndarray]) -> PatchMemory:
         if self.memory is None:
@@ -270,19 +269,16 @@ class Engine:
         return [decision]
 
     def _score_warmup(self, state: LineState) -> list[Decision]:
-        """Batch MuSc among the held frames (plus any window frames), then move them to the window."""
+        """Batch MuSc among the held frames (the window is empty during warm-up), then move them
+        into the window."""
         start = time.perf_counter()
         held = state.pending
         state.pending = []
-        maps = []
-        for key in held[0].sets:
-            own = torch.stack([h.sets[key] for h in held])  # (P, L, C)
-            if len(state.window):
-                refs = torch.cat([own, state.window.references(key)])
-            else:
-                refs = own
-            maps.append(mutual_scores(refs, self.config.topmin_max,
-                                      distance_dtype=self.config.distance_dtype)[: len(held)])
+        maps = [
+            mutual_scores(torch.stack([h.sets[key] for h in held]), self.config.topmin_max,
+                          distance_dtype=self.config.distance_dtype)  # (P, L)
+            for key in held[0].sets
+        ]
         patch_maps = torch.stack(maps).mean(0)  # (P, L)
         scoring_s = (time.perf_counter() - start) / len(held)
         decisions = []
@@ -292,7 +288,7 @@ class Engine:
             decision = self._decide(state, item, patch_maps[i], patch_maps[i], None, warmup=True,
                                     scoring_s=scoring_s)
             decision.changeover = changeover and i == 0
-            decision.window_size = len(held) - 1 + len(state.window)
+            decision.window_size = len(held) - 1
             decisions.append(decision)
         for item, decision in zip(held, decisions):
             self._remember(state, item, decision)
@@ -366,7 +362,6 @@ class Engine:
             h, w = frame.image.shape[:2]
             heatmap = upsample_maps(grid, (h, w))[0].float().cpu().numpy()
             regions = find_regions(heatmap, threshold)
-        state.frames_scored += 1
         return Decision(
             line=frame.line, frame_id=frame.frame_id, ts=frame.ts, score=score,
             threshold=threshold, is_anomaly=is_anomaly, warmup=warmup or not state.threshold.is_warm,
