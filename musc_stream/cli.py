@@ -52,20 +52,14 @@ def _add_model_args(p: argparse.ArgumentParser, image_size: int = 224) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per backbone forward")
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _load_backbone(args):
     from musc_stream.model.backbone import BackboneSpec, WeightsNotFoundError, load_backbone
+    from musc_stream.service import resolve_device
 
     pretrained = None if str(args.pretrained).lower() in ("none", "random", "") else args.pretrained
+    device = resolve_device(args.device)
     spec = BackboneSpec(name=args.model, pretrained=pretrained, image_size=args.image_size,
-                        device=_resolve_device(args.device), half=_resolve_device(args.device) != "cpu")
+                        device=device, half=device != "cpu")
     try:
         backbone = load_backbone(spec)
     except (WeightsNotFoundError, ValueError) as exc:
