@@ -47,6 +47,7 @@ class Camera:
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(1, 2)
         self.connected = threading.Event()
+        self._unacked: list[mqtt.MQTTMessageInfo] = []
         self.client.on_connect = lambda c, u, f, rc, p: self.connected.set() if not rc.is_failure else None
         kwargs: dict = {}
         if self.v5:
@@ -66,8 +67,11 @@ class Camera:
         if self.v5:
             props = Properties(PacketTypes.PUBLISH)
             props.UserProperty = frame_user_properties(frame_id, ts, camera)
-            return self.client.publish(topic, payload, qos=1, properties=props)
-        return self.client.publish(topic, encode_envelope(payload, frame_id, ts, camera), qos=1)
+            info = self.client.publish(topic, payload, qos=1, properties=props)
+        else:
+            info = self.client.publish(topic, encode_envelope(payload, frame_id, ts, camera), qos=1)
+        self._unacked = [i for i in self._unacked if not i.is_published()] + [info]
+        return info
 
     def replay(self, line: str, files: Sequence[Path], fps: float = 0.0, camera: str | None = None) -> int:
         """Publish image ``files`` in order at ``fps`` (0: as fast as possible), ids from file names."""
@@ -84,6 +88,17 @@ class Camera:
             self.publish(line, payload, frame_id=frame_id, camera=camera)
         return len(payloads)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Disconnect once the broker has acknowledged every frame published (QoS 1), so a replay
+        that ends right after its last publish loses nothing."""
+        deadline = time.monotonic() + timeout_s
+        for info in self._unacked:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.client.is_connected():
+                break  # the persistent session keeps the rest for the next connect
+            try:
+                info.wait_for_publish(remaining)
+            except (RuntimeError, ValueError):
+                break
         self.client.disconnect()
         self.client.loop_stop()
