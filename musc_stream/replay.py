@@ -48,7 +48,8 @@ class Camera:
         self.client.reconnect_delay_set(1, 2)
         self.connected = threading.Event()
         self._unacked: set[int] = set()  # mids of QoS 1 frames the broker has not acknowledged
-        self._lock = threading.RLock()
+        self._acked_early: set[int] = set()  # acknowledged before publish() recorded the mid
+        self._lock = threading.Lock()
         self.client.on_publish = self._on_publish
         self.client.on_connect = lambda c, u, f, rc, p: self.connected.set() if not rc.is_failure else None
         kwargs: dict = {}
@@ -66,19 +67,27 @@ class Camera:
         """Publish one frame (image bytes) of ``line``; QoS 1."""
         topic = raw_topic or f"{self.prefix}/{line}/frames"
         ts = time.time() if ts is None else ts
-        with self._lock:  # on_publish for this mid cannot run before the mid is recorded
-            if self.v5:
-                props = Properties(PacketTypes.PUBLISH)
-                props.UserProperty = frame_user_properties(frame_id, ts, camera)
-                info = self.client.publish(topic, payload, qos=1, properties=props)
+        # Never hold self._lock while calling paho: its network thread calls on_publish with its
+        # own message lock held, which publish() also takes (a lock-order deadlock).
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = frame_user_properties(frame_id, ts, camera)
+            info = self.client.publish(topic, payload, qos=1, properties=props)
+        else:
+            info = self.client.publish(topic, encode_envelope(payload, frame_id, ts, camera), qos=1)
+        with self._lock:
+            if info.mid in self._acked_early:  # the PUBACK beat us here
+                self._acked_early.discard(info.mid)
             else:
-                info = self.client.publish(topic, encode_envelope(payload, frame_id, ts, camera), qos=1)
-            self._unacked.add(info.mid)
+                self._unacked.add(info.mid)
         return info
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
-            self._unacked.discard(mid)
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+            else:
+                self._acked_early.add(mid)
 
     def replay(self, line: str, files: Sequence[Path], fps: float = 0.0, camera: str | None = None) -> int:
         """Publish image ``files`` in order at ``fps`` (0: as fast as possible), ids from file names."""
