@@ -18,27 +18,27 @@ logger = logging.getLogger(__name__)
 
 
 class Topics:
-    """Every topic the service reads or writes, from one prefix and instance name."""
+    """Every topic the service reads or writes; the names themselves come from MqttSettings."""
 
-    def __init__(self, prefix: str, instance: str, shared_group: str | None = None):
-        self.prefix = prefix
-        self.frames_filter = f"{prefix}/+/frames"
-        self.subscribe_frames = f"$share/{shared_group}/{self.frames_filter}" if shared_group else self.frames_filter
+    def __init__(self, settings: MqttSettings):
+        self._settings = settings
+        self.prefix = settings.topic_prefix
+        self.subscribe_frames = settings.frames_subscription
         # Reset commands are never shared: every worker holding the line's state must hear them.
-        self.reset_filter = f"{prefix}/+/reset"
-        self.status = f"musc/{instance}/status"
+        self.reset_filter = settings.reset_subscription
+        self.status = settings.status_topic
 
     def result(self, line: str) -> str:
-        return f"{self.prefix}/{line}/result"
+        return self._settings.line_topic(line, "result")
 
     def anomaly(self, line: str) -> str:
-        return f"{self.prefix}/{line}/anomaly"
+        return self._settings.line_topic(line, "anomaly")
 
     def heatmap(self, line: str) -> str:
-        return f"{self.prefix}/{line}/anomaly/heatmap"
+        return self._settings.line_topic(line, "anomaly/heatmap")
 
     def error(self, line: str | None) -> str:
-        return f"{self.prefix}/{line or '_unknown'}/error"
+        return self._settings.line_topic(line or "_unknown", "error")
 
     def kind(self, topic: str) -> str:
         """'frames', 'reset' or 'other' for an incoming topic."""
@@ -76,8 +76,7 @@ def create_client(settings: MqttSettings) -> mqtt.Client:
             cert_reqs=ssl.CERT_NONE if tls.insecure else ssl.CERT_REQUIRED,
         )
         client.tls_insecure_set(bool(tls.insecure))
-    status = f"musc/{settings.instance}/status"
-    client.will_set(status, offline_payload(settings.instance), qos=1, retain=True)
+    client.will_set(settings.status_topic, offline_payload(settings.instance), qos=1, retain=True)
     client.reconnect_delay_set(min_delay=max(1, int(settings.reconnect_min_s)),
                                max_delay=max(1, int(settings.reconnect_max_s)))
     # Keep publishing while reconnecting: paho holds QoS>0 messages and sends them afterwards.

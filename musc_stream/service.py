@@ -57,7 +57,7 @@ class Service:
     def __init__(self, settings: Settings, backbone: Backbone | None = None, metrics: Metrics | None = None):
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.topics = Topics(settings.mqtt.topic_prefix, settings.mqtt.instance, settings.mqtt.shared_group)
+        self.topics = Topics(settings.mqtt)
         self.work: queue.Queue[WorkItem] = queue.Queue(maxsize=settings.engine.queue_size)
         self.stop_event = threading.Event()
         self.subscribed = threading.Event()
