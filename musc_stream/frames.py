@@ -31,15 +31,17 @@ REASONS = frozenset({
     "corrupt_image",       # a JPEG/PNG header or body that does not decode
     "too_many_pixels",     # width * height over frames.max_pixels (decompression-bomb guard)
     "image_too_small",     # a side under frames.min_side
+    "decode_failed",       # an unexpected error while reading the payload (a bug: logged with its traceback)
 })
 
 MAX_ID_CHARS = 128  # frame_id and camera travel into topics' JSON, logs and Parquet; keep them short
 MAX_TS = 1e11  # epoch seconds in year 5138: a larger ts is almost surely milliseconds
+MAX_TS_TEXT = 64  # characters of a ts given as text; longer is not a timestamp
+SHOWN_CHARS = 40  # characters of a refused value quoted (escaped) in an error's detail
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JSON_START = re.compile(rb"\s*\{")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -65,15 +67,51 @@ class FrameError(Exception):
                             received_at=received_at, ack=ack)
 
 
+def escape_text(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """A short, printable, valid-UTF-8 rendering of any value for logs and error details.
+
+    repr() escapes control characters, U+2028/U+2029, ANSI escapes, NUL and lone surrogates; at most
+    `limit` characters of the value are shown, with how many were left out. Never raises.
+    """
+    try:
+        if isinstance(value, str):
+            shown = repr(value[:limit])
+            if len(value) > limit:
+                shown += f"...(+{len(value) - limit} chars)"
+            return shown
+        if isinstance(value, (bytes, bytearray)):
+            shown = repr(bytes(value[:limit]))
+            return shown + (f"...(+{len(value) - limit} bytes)" if len(value) > limit else "")
+        if isinstance(value, (bool, float)) or value is None:
+            return repr(value)
+        if isinstance(value, int):
+            digits = value.bit_length() * 0.30103
+            return repr(value) if digits < limit else f"<int of about {int(digits) + 1} digits>"
+        return f"<{type(value).__name__}>"
+    except Exception:  # noqa: BLE001 - a repr that fails must not turn an error into a crash
+        return f"<unprintable {type(value).__name__}>"
+
+
+def is_valid_id(value: Any) -> bool:
+    """The contract for frame_id and camera: a str of 1-MAX_ID_CHARS printable characters.
+
+    Printable is str.isprintable(): no control characters (NUL, ESC, DEL), no line or paragraph
+    separators (U+2028/2029), no format characters (bidi overrides, zero-width), no lone surrogates,
+    no whitespace other than the ASCII space. Such a string is valid UTF-8 by construction.
+    """
+    return isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS and value.isprintable()
+
+
 def parse_line_id(topic: str, prefix: str, pattern: str | re.Pattern[str]) -> str:
     """The line id of a frames topic `<prefix>/<id>/frames`; the id must match `pattern` in full."""
     head, tail = f"{prefix}/", "/frames"
     if not (topic.startswith(head) and topic.endswith(tail)) or len(topic) <= len(head) + len(tail):
-        raise FrameError("bad_line_id", f"topic {topic!r} is not {prefix}/<line>/frames")
+        raise FrameError("bad_line_id", f"topic {escape_text(topic, 80)} is not {prefix}/<line>/frames")
     line = topic[len(head):-len(tail)]
     # fullmatch, not match: "$" also matches before a trailing newline.
     if not re.fullmatch(pattern, line):
-        raise FrameError("bad_line_id", f"line id {line!r} does not match {getattr(pattern, 'pattern', pattern)!r}")
+        raise FrameError("bad_line_id", f"line id {escape_text(line)} does not match "
+                         f"{getattr(pattern, 'pattern', pattern)!r}")
     return line
 
 
@@ -107,10 +145,26 @@ def decode_frame(topic: str, payload: bytes,
 
     user_properties: MQTT 5 user properties as a mapping or as paho's list of (key, value) pairs
     (a repeated key: the last wins). now: receive time, epoch seconds (time.time() when None).
-    Raises FrameError.
+    Raises FrameError and nothing else (MemoryError aside): whatever a payload holds, the worst it
+    gets is an error record. frame_id and camera follow is_valid_id; a refused value is quoted
+    escaped and truncated (escape_text), and an error never carries an invalid id.
     """
-    started = time.perf_counter()
     received_at = time.time() if now is None else now
+    try:
+        return _decode_frame(topic, payload, user_properties, limits, prefix, received_at)
+    except (FrameError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug here must cost one frame, never the network thread
+        logger.error("unexpected error reading a frame on %s: %s", escape_text(topic, 80),
+                     escape_text(f"{type(exc).__name__}: {exc}", 200), exc_info=True)
+        raise FrameError("decode_failed", f"unexpected {type(exc).__name__} while reading the payload; "
+                         "see the service log") from None
+
+
+def _decode_frame(topic: str, payload: bytes,
+                  user_properties: Mapping[str, str] | Iterable[tuple[str, str]] | None,
+                  limits: FrameLimits, prefix: str, received_at: float) -> Frame:
+    started = time.perf_counter()
     line = parse_line_id(topic, prefix, limits.line_id_pattern)
     props = dict(user_properties or {})
     frame_id = _frame_id(props.get("frame_id"), line, None, "user property frame_id")
@@ -196,9 +250,10 @@ def _frame_id(value: Any, line: str, current: str | None, what: str) -> str | No
 def _text(value: Any, line: str, frame_id: str | None, what: str, required: bool = False) -> str | None:
     if value is None and not required:
         return None
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS or _CONTROL.search(value):
-        raise FrameError("bad_envelope", f"{what} must be 1-{MAX_ID_CHARS} printable characters, got "
-                         f"{str(value)[:40]!r}", line, frame_id)
+    if not is_valid_id(value):
+        got = f"{len(value)} characters" if isinstance(value, str) and len(value) > MAX_ID_CHARS else "a value"
+        raise FrameError("bad_envelope", f"{what} must be 1-{MAX_ID_CHARS} printable characters (no control, "
+                         f"separator or format characters), got {got}: {escape_text(value)}", line, frame_id)
     return value
 
 
@@ -207,9 +262,11 @@ def _ts(value: Any, line: str, frame_id: str, what: str) -> float:
     try:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise TypeError
-        ts = float(value)
-    except (TypeError, ValueError):
-        raise FrameError("bad_envelope", f"{what} must be a number of epoch seconds, got {str(value)[:40]!r}",
+        if isinstance(value, str) and len(value) > MAX_TS_TEXT:
+            raise ValueError
+        ts = float(value)  # OverflowError for an int beyond float range (a 400-digit JSON number)
+    except (TypeError, ValueError, OverflowError):
+        raise FrameError("bad_envelope", f"{what} must be a number of epoch seconds, got {escape_text(value)}",
                          line, frame_id) from None
     if not math.isfinite(ts) or ts < 0:
         raise FrameError("bad_envelope", f"{what} must be finite and >= 0, got {ts!r}", line, frame_id)

@@ -67,6 +67,10 @@ PARTITION_KEYS = ("date", "line_id")
 LATENCY_STAGES = ("decode", "queue", "backbone", "scoring", "publish", "end_to_end")
 LOCK_NAME = ".audit.lock"
 _MAX_LINE_DIR = 200  # characters of the encoded line id in a directory name (NAME_MAX is 255)
+# Longest text kept per string column (ids are capped at 128 by the frame contract; this is a backstop).
+MAX_ID_TEXT = 1024
+MAX_DETAIL_TEXT = 4096
+_MAX_EPOCH_S = 253_402_300_800.0  # 10000-01-01: later times do not fit timestamp("ms") readers
 
 _TS = pa.timestamp("ms", tz="UTC")
 REGION_TYPE = pa.struct([
@@ -168,9 +172,9 @@ class AuditLog:
             latency["end_to_end"] = d.end_to_end_s
         row = {
             "schema_version": AUDIT_SCHEMA_VERSION,
-            "frame_id": d.frame_id,
-            "line": d.line,
-            "camera": d.camera,
+            "frame_id": _text(d.frame_id),
+            "line": _text(d.line),
+            "camera": _text(d.camera),
             "ts": _ms(d.ts),
             "received_at": _ms(d.received_at),
             "decided_at": _ms(d.decided_at),
@@ -185,8 +189,8 @@ class AuditLog:
             "latency_s": latency,
             "window_size": d.window_size,
             "memory_size": d.memory_size,
-            "model": d.model or None,
-            "weights": d.weights or None,
+            "model": _text(d.model or None),
+            "weights": _text(d.weights or None),
             "service_version": self.service_version,
             "error_reason": None,
             "error_detail": None,
@@ -196,20 +200,29 @@ class AuditLog:
     def write_failure(self, f: FrameFailure) -> None:
         """Buffer one failure row (error_reason set, scores null); durable after ``flush()``.
 
-        Raises like ``write_decision`` for a row the schema cannot hold.
+        Never raises for what the failure holds: every string is stored as valid UTF-8 (lone
+        surrogates and undecodable characters backslash-escaped) and capped in length, times out of
+        range become null, and a row the schema still refuses is stored with its text escaped.
         """
         now = self._clock()
         row: dict[str, Any] = {
             "schema_version": AUDIT_SCHEMA_VERSION,
-            "frame_id": f.frame_id,
-            "line": f.line or None,
+            "frame_id": _text(f.frame_id),
+            "line": _text(f.line or None),
             "received_at": _ms(f.received_at),
             "decided_at": _ms(now),
             "service_version": self.service_version,
-            "error_reason": f.reason,
-            "error_detail": f.detail,
+            "error_reason": _text(f.reason),
+            "error_detail": _text(f.detail, MAX_DETAIL_TEXT),
         }
-        self._append(f.line, self._partition_time(f.received_at, now), row)
+        try:
+            pa.RecordBatch.from_pylist([row], schema=AUDIT_SCHEMA)
+        except (TypeError, ValueError, pa.ArrowException) as exc:  # a bug upstream: keep the row, escaped
+            logger.error("audit row of a failure did not fit the schema (%s); stored escaped", exc)
+            row = {"schema_version": AUDIT_SCHEMA_VERSION, "frame_id": _text(ascii(f.frame_id)),
+                   "line": _text(ascii(f.line)), "decided_at": _ms(now), "service_version": self.service_version,
+                   "error_reason": _text(ascii(f.reason)), "error_detail": _text(ascii(f.detail), MAX_DETAIL_TEXT)}
+        self._append(_text(f.line or None), self._partition_time(f.received_at, now), row)
 
     def flush(self) -> list[Path]:
         """Make every buffered row durable; return the files (re)written, sealing full ones."""
@@ -374,15 +387,36 @@ def _line_dir(line: str | None) -> str:
     """
     if not line:
         return UNKNOWN_LINE
-    encoded = quote(line, safe="")
+    encoded = quote(_text(line), safe="")
     return encoded if len(encoded) <= _MAX_LINE_DIR else UNKNOWN_LINE
 
 
 def _ms(t: float | None) -> int | None:
-    """Epoch seconds → epoch milliseconds; 0, NaN and None (unknown times) → null."""
-    if t is None or not math.isfinite(t) or t <= 0:
+    """Epoch seconds → epoch milliseconds; 0, NaN, None (unknown) and times past year 9999 → null."""
+    try:
+        if t is None or not math.isfinite(t) or t <= 0 or t >= _MAX_EPOCH_S:
+            return None
+        return round(t * 1000)
+    except (TypeError, ValueError, OverflowError):  # not a number at all
         return None
-    return round(t * 1000)
+
+
+def _text(value: Any, limit: int = MAX_ID_TEXT) -> str | None:
+    """Any value as text Parquet can hold: valid UTF-8, at most ``limit`` characters (+ a marker)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        try:
+            value = str(value)
+        except Exception:  # noqa: BLE001 - a __str__ that fails must not fail the audit
+            value = f"<{type(value).__name__}>"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates ("\ud800" from JSON): keep them visible, escaped
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(value) > limit:
+        value = f"{value[:limit]}...(+{len(value) - limit} chars)"
+    return value
 
 
 def _seconds(s: float | None) -> float | None:
