@@ -32,6 +32,7 @@ CREDENTIALS_ENV = "CREDENTIALS_DIRECTORY"  # set by systemd for units with LoadC
 MQTT_PASSWORD_CREDENTIAL = "mqtt_password"  # file name inside $CREDENTIALS_DIRECTORY
 NONE_STR = "null"  # "unset" in env and TOML
 MASK = "***"
+DEFAULT_MAX_PUBLISH_BYTES = 8 * 1024 * 1024  # under the 9 MiB max_packet_size of deploy/mosquitto
 
 # A topic-level name: safe in MQTT topics, file paths (Hive partitions) and Prometheus labels.
 _NAME_RE = r"^[A-Za-z0-9_-]{1,64}$"
@@ -118,6 +119,11 @@ class MqttSettings(_Section):
                                                              "go: base64 PNG in the anomaly JSON (inline), "
                                                              "binary PNG on <prefix>/<line>/anomaly/heatmap "
                                                              "(topic), or both.")
+    max_publish_bytes: int = Field(DEFAULT_MAX_PUBLISH_BYTES, ge=4096, description="Largest payload the "
+                                   "service publishes, bytes. Keep it under the broker's limit "
+                                   "(deploy/mosquitto: max_packet_size 9 MiB); an MQTT 5 broker's CONNACK "
+                                   "Maximum Packet Size lowers it further. Alert pictures are scaled down to "
+                                   "fit; a message that still does not fit is logged and counted, never sent.")
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -223,6 +229,14 @@ class EngineSettings(_Section):
                                           "image feature and the window mean that counts as a product "
                                           "changeover (line reset). null: never.")
     heatmap_sigma: float = Field(0.0, ge=0, description="Gaussian smoothing of heatmaps, pixels (0: none).")
+    max_age_s: float = Field(30.0, ge=0, description="A frame that waited longer than this in the service "
+                             "before scoring is dropped and audited as stale, seconds (0: never).")
+    max_scoring_failures: int = Field(5, ge=1, description="Batches in a row that fail to score before the "
+                                      "service stops as 'model broken' (exit code 1).")
+    heartbeat_s: float = Field(60.0, gt=0, description="Interval of the INFO heartbeat log line (frames/s, "
+                               "queue, p95 latency per line), seconds.")
+    behind_s: float = Field(10.0, gt=0, description="A line whose p95 end-to-end latency over a heartbeat "
+                            "exceeds this (or that dropped frames) gets a WARNING, seconds.")
 
     @model_validator(mode="after")
     def _check_rules(self) -> EngineSettings:
@@ -325,7 +339,9 @@ class StateSettings(_Section):
 
 class MetricsSettings(_Section):
     enabled: bool = Field(True, description="Serve Prometheus /metrics.")
-    host: str = Field("0.0.0.0", min_length=1, description="Address /metrics listens on.")
+    host: str = Field("127.0.0.1", min_length=1, description="Address /metrics listens on: loopback by "
+                      "default, since /metrics has no authentication. 0.0.0.0 (or the box's address) lets "
+                      "a Prometheus elsewhere scrape it; firewall the port to that Prometheus.")
     port: int = Field(9108, ge=0, le=65535, description="Port of /metrics (0: any free port).")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+from collections.abc import Callable
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -48,21 +50,93 @@ class Topics:
         return "other"
 
 
+# Bytes of a PUBLISH packet besides topic and payload that we allow for: fixed header (5), topic length
+# (2), packet id (2), property length (4) and room for user properties (frame_id, line).
+PACKET_OVERHEAD = 2048
+
+
+class ServiceClient(mqtt.Client):
+    """The paho client of the service: remembers what the broker allows, and no callback exception
+    ever ends paho's network thread (a frame that trips a bug must not silence the whole line).
+
+    ``broker_max_packet_size``: the MQTT 5 CONNACK Maximum Packet Size of the current connection
+    (None when the broker sent none, and always with MQTT 3.1.1). ``max_publish_bytes``: the
+    largest payload the service may publish (mqtt.max_publish_bytes); ``payload_limit(topic)``
+    combines both.
+    """
+
+    _GUARDED = ("on_message", "on_subscribe", "on_disconnect", "on_publish", "on_connect_fail", "on_log")
+
+    def __init__(self, *args: Any, max_publish_bytes: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_publish_bytes = max_publish_bytes
+        self.broker_max_packet_size: int | None = None
+        self._user_on_connect: Callable[..., Any] | None = None
+        mqtt.Client.on_connect.fset(self, self._connack_hook)
+        # Backstop for callbacks set before the guards below could wrap them.
+        self.suppress_exceptions = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._GUARDED and value is not None:
+            value = _guarded(name, value)
+        super().__setattr__(name, value)
+
+    @property
+    def on_connect(self) -> Callable[..., Any] | None:
+        return self._user_on_connect
+
+    @on_connect.setter
+    def on_connect(self, func: Callable[..., Any] | None) -> None:
+        self._user_on_connect = func
+
+    def _connack_hook(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
+                      properties: Any) -> None:
+        size = getattr(properties, "MaximumPacketSize", None) if properties is not None else None
+        self.broker_max_packet_size = int(size) if size else None
+        if self.broker_max_packet_size:
+            logger.info("broker accepts packets up to %d bytes", self.broker_max_packet_size)
+        if self._user_on_connect is not None:
+            _guarded("on_connect", self._user_on_connect)(client, userdata, flags, reason_code, properties)
+
+    def payload_limit(self, topic: str) -> int | None:
+        """Largest payload that may go to ``topic`` now; None when nothing limits it."""
+        limits = [self.max_publish_bytes] if self.max_publish_bytes else []
+        if self.broker_max_packet_size:
+            limits.append(self.broker_max_packet_size - PACKET_OVERHEAD - len(topic.encode("utf-8", "replace")))
+        return max(0, min(limits)) if limits else None
+
+
+def _guarded(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    if getattr(func, "_musc_guarded", False):
+        return func
+
+    def call(*args: Any) -> Any:
+        try:
+            return func(*args)
+        except Exception:  # noqa: BLE001 - logged with its traceback; the network thread carries on
+            logger.exception("MQTT %s callback failed; the connection carries on", name)
+            return None
+
+    call._musc_guarded = True  # type: ignore[attr-defined]
+    return call
+
+
 def offline_payload(instance: str) -> bytes:
     """The retained last will: what subscribers see after the service dies without a goodbye."""
     return json.dumps({"schema": SCHEMA_VERSION, "state": "offline", "instance": instance}).encode()
 
 
-def create_client(settings: MqttSettings) -> mqtt.Client:
+def create_client(settings: MqttSettings) -> ServiceClient:
     """A configured but unconnected client with manual acks (frames are acked once durable)."""
     v5 = settings.protocol == "5"
     client_id = settings.client_id or f"musc-stream-{settings.instance}"
-    client = mqtt.Client(
+    client = ServiceClient(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
         clean_session=None if v5 else settings.clean_start,
         manual_ack=True,
+        max_publish_bytes=settings.max_publish_bytes,
     )
     if settings.username:
         password = settings.password.get_secret_value() if settings.password else None

@@ -1,7 +1,7 @@
 """Prometheus metrics: every musc_* metric in one registry, and the /metrics HTTP server.
 
-Labels are only ``line``, ``reason`` and ``stage`` (plus the constant model/weights/version labels
-of ``musc_info``): each label value is a time series kept forever, so never a frame id, and
+Labels are only ``line``, ``reason``, ``stage`` and ``kind`` (of a message not published), plus the
+constant model/weights/version labels of ``musc_info``: each label value is a time series kept forever, so never a frame id, and
 ``line`` only after ingest validated it (``_unknown`` otherwise). Every line's counters start at 0
 the first time the line is seen, so ``rate()`` and ``increase()`` work before the first anomaly.
 
@@ -18,12 +18,16 @@ Histogram buckets:
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import selectors
 import socket
 import threading
+import time
 from collections.abc import Iterable
-from socketserver import ThreadingMixIn
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import prometheus_client
@@ -39,6 +43,8 @@ logger = logging.getLogger(__name__)
 UNKNOWN_LINE = "_unknown"  # same value as sinks.audit.UNKNOWN_LINE
 STAGES = ("decode", "queue", "backbone", "scoring", "publish", "audit")
 DROP_REASONS = ("queue_full", "shutdown")  # documented values; others are accepted
+PUBLISH_KINDS = ("result", "anomaly", "heatmap", "error", "status")
+PUBLISH_FAILURE_REASONS = ("too_large", "client_error")
 
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21)) + (1.25, 1.5, 2.0)
 END_TO_END_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -125,8 +131,26 @@ class Metrics:
         self.threshold = Gauge(
             "musc_threshold", "The line's current decision threshold (score units).", ["line"],
             registry=r)
+        self.publish_failures = Counter(
+            "musc_publish_failures",
+            "Messages the service did not publish: too_large (over the publish limit even after scaling "
+            "the picture) or client_error (paho refused or raised), by kind of message.",
+            ["kind", "reason"], registry=r)
+        for kind in PUBLISH_KINDS:
+            for reason in PUBLISH_FAILURE_REASONS:
+                self.publish_failures.labels(kind, reason)
         self.mqtt_connected = Gauge(
             "musc_mqtt_connected", "1 while connected to the MQTT broker, else 0.", registry=r)
+        self.housekeeping_errors = Counter(
+            "musc_housekeeping_errors",
+            "Errors caught and survived outside scoring (snapshot, audit flush/rotation, publish, spool).",
+            ["task"], registry=r)
+        self.stale_acks = Counter(
+            "musc_stale_acks_dropped",
+            "Acks not sent because their message came on an earlier connection (it is redelivered).",
+            registry=r)
+        self.frames_held = Gauge(
+            "musc_frames_held", "Frames the engine holds for warm-up (spooled and acked).", registry=r)
         self.gpu_memory = _OptionalGauge(
             "musc_gpu_memory_bytes", "GPU memory held by the service; absent without a GPU.")
         r.register(self.gpu_memory)
@@ -177,6 +201,12 @@ class Metrics:
         """Count a frame that could not be scored under its reason code."""
         self.frame_errors.labels(self._line(f.line), f.reason).inc()
 
+    def observe_publish_failure(self, kind: str, reason: str) -> None:
+        """Count a message not published (kind and reason from the fixed sets above)."""
+        kind = kind if kind in PUBLISH_KINDS else "result"
+        reason = reason if reason in PUBLISH_FAILURE_REASONS else "client_error"
+        self.publish_failures.labels(kind, reason).inc()
+
     def observe_drop(self, line: str | None, reason: str) -> None:
         """Count a valid frame dropped without a score (the caller logs it)."""
         self.frames_dropped.labels(self._line(line), reason).inc()
@@ -208,6 +238,15 @@ class Metrics:
     def set_threshold(self, line: str, value: float) -> None:
         self.threshold.labels(self._line(line)).set(value)
 
+    def observe_housekeeping_error(self, task: str) -> None:
+        self.housekeeping_errors.labels(task).inc()
+
+    def observe_stale_ack(self) -> None:
+        self.stale_acks.inc()
+
+    def set_frames_held(self, n: int) -> None:
+        self.frames_held.set(n)
+
     def set_mqtt_connected(self, connected: bool) -> None:
         self.mqtt_connected.set(1 if connected else 0)
 
@@ -233,49 +272,170 @@ class Metrics:
         return line
 
 
+# Bounds of the /metrics endpoint: a scrape is one short request, so a few workers serve every
+# Prometheus there is, and no number of idle or slow clients can hold more than these.
+HTTP_WORKERS = 4  # threads that answer requests
+MAX_CONNECTIONS = 64  # open connections at most; the oldest idle one is closed to admit a new one
+IDLE_TIMEOUT_S = 10.0  # a connection that sends nothing for this long is closed
+REQUEST_TIMEOUT_S = 5.0  # a request that takes longer to arrive (or to be read) is abandoned
+
+
+class MetricsBindError(OSError):
+    """/metrics could not listen on metrics.host:metrics.port; the message says what to change."""
+
+
 class _QuietHandler(WSGIRequestHandler):
-    """Scrape requests go to our logger at DEBUG instead of stderr."""
+    """Scrape requests go to our logger at DEBUG instead of stderr; a slow client times out."""
+
+    timeout = REQUEST_TIMEOUT_S
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         logger.debug("metrics %s " + format, self.address_string(), *args)
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
 class MetricsServer:
-    """The running /metrics endpoint; ``shutdown()`` stops it and frees the port."""
+    """The running /metrics endpoint; ``shutdown()`` stops it and frees the port.
 
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
+    One selector thread accepts connections and waits until a connection has bytes to read; only
+    then does one of HTTP_WORKERS threads answer it. So 400 idle connections cost 400 sockets
+    at most MAX_CONNECTIONS of them (older idle ones are closed) and no thread each; a client that
+    sends part of a request holds a worker for at most REQUEST_TIMEOUT_S.
+    """
+
+    def __init__(self, httpd: WSGIServer, workers: int = HTTP_WORKERS, max_connections: int = MAX_CONNECTIONS,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self._httpd = httpd
-        self._thread = thread
         self.host, self.port = httpd.server_address[:2]
+        self.max_connections = max_connections
+        self.idle_timeout_s = idle_timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metrics-worker")
+        self._selector = selectors.DefaultSelector()
+        self._idle: dict[socket.socket, float] = {}  # waiting for a request, oldest first
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="metrics-http", daemon=True)
+        self._thread.start()
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._idle) + self._in_flight
 
     def shutdown(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._stop.set()
         self._thread.join(timeout=5.0)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._httpd.server_close()
         logger.info("metrics server on port %d stopped", self.port)
+
+    def _serve(self) -> None:
+        listener = self._httpd.socket
+        listener.setblocking(False)
+        self._selector.register(listener, selectors.EVENT_READ, None)
+        try:
+            while not self._stop.is_set():
+                for key, _ in self._selector.select(timeout=0.1):
+                    if key.data is None:
+                        self._accept(listener)
+                    else:
+                        self._dispatch(key.fileobj, key.data)  # type: ignore[arg-type]
+                self._expire(time.monotonic() - self.idle_timeout_s)
+        except Exception:  # noqa: BLE001 - /metrics going away must not go unnoticed
+            logger.exception("metrics server stopped by an error")
+        finally:
+            for conn in list(self._idle):
+                self._close_idle(conn)
+            self._selector.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: try again on the next select
+                logger.warning("metrics server cannot accept: %s", exc)
+                return
+            with self._lock:
+                full = len(self._idle) + self._in_flight >= self.max_connections
+                oldest = next(iter(self._idle), None) if full else None
+            if full and oldest is None:  # every slot is answering a request: refuse this one
+                conn.close()
+                continue
+            if oldest is not None:
+                self._close_idle(oldest)
+            conn.setblocking(True)
+            with self._lock:
+                self._idle[conn] = time.monotonic()
+            self._selector.register(conn, selectors.EVENT_READ, address)
+
+    def _dispatch(self, conn: socket.socket, address: Any) -> None:
+        self._selector.unregister(conn)
+        with self._lock:
+            self._idle.pop(conn, None)
+            self._in_flight += 1
+        self._pool.submit(self._answer, conn, address)
+
+    def _answer(self, conn: socket.socket, address: Any) -> None:
+        try:
+            conn.settimeout(REQUEST_TIMEOUT_S)
+            self._httpd.finish_request(conn, address)
+        except Exception as exc:  # noqa: BLE001 - a broken client costs its own request only
+            logger.debug("metrics request from %s failed: %s", address, exc)
+        finally:
+            self._httpd.shutdown_request(conn)
+            with self._lock:
+                self._in_flight -= 1
+
+    def _expire(self, before: float) -> None:
+        with self._lock:
+            stale = [conn for conn, since in self._idle.items() if since < before]
+        for conn in stale:
+            self._close_idle(conn)
+
+    def _close_idle(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._idle.pop(conn, None)
+        try:
+            self._selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
 
 
 def start_http_server(metrics: Metrics, host: str, port: int) -> tuple[MetricsServer, int]:
-    """Serve ``metrics.registry`` at http://host:port/metrics on a daemon thread "metrics-http".
+    """Serve ``metrics.registry`` at http://host:port/metrics on a thread "metrics-http".
 
     ``port=0`` binds a free port; the returned port is the real one. Built from
-    ``make_wsgi_app`` rather than ``prometheus_client.start_http_server`` so the serving loop
-    polls its stop flag every 0.1 s (shutdown in ~0.1 s instead of 0.5 s) and logs through us.
+    ``make_wsgi_app`` rather than ``prometheus_client.start_http_server`` (one thread per
+    connection, unbounded) so connections and threads stay bounded (see MetricsServer).
+    Raises MetricsBindError, a one-line reason naming the setting to change, when it cannot listen.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("_MetricsHTTPServer", (_ThreadingWSGIServer,), {"address_family": family})
+    server_class = type("_MetricsHTTPServer", (WSGIServer,), {"address_family": family})
     app = prometheus_client.make_wsgi_app(metrics.registry)
-    httpd = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                              name="metrics-http", daemon=True)
-    thread.start()
-    server = MetricsServer(httpd, thread)
+    try:
+        httpd = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise MetricsBindError(exc.errno, _bind_advice(host, port, exc)) from None
+    server = MetricsServer(httpd)
     logger.info("metrics on http://%s:%d/metrics", host, server.port)
     return server, server.port
+
+
+def _bind_advice(host: str, port: int, exc: OSError) -> str:
+    where = f"metrics.host {host!r}, metrics.port {port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"{where}: the port is already in use (another musc-stream?); set MUSC_METRICS__PORT to a "
+                "free port, or MUSC_METRICS__ENABLED=false")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: not an address of this machine; set MUSC_METRICS__HOST to 127.0.0.1 or one of its addresses"
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports under 1024 need privileges); set MUSC_METRICS__PORT above 1023"
+    if isinstance(exc, socket.gaierror):
+        return f"{where}: unknown host name; set MUSC_METRICS__HOST to an address such as 127.0.0.1"
+    return f"{where}: cannot listen: {exc.strerror or exc}"
 
 
 _SUFFIXES = {

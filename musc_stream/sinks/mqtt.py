@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import logging
+import math
 import time
 from typing import Any
 
@@ -15,6 +16,8 @@ from matplotlib import colormaps
 from PIL import Image
 
 from musc_stream import __version__
+from musc_stream.config import DEFAULT_MAX_PUBLISH_BYTES
+from musc_stream.frames import escape_text
 from musc_stream.mqtt import Topics
 from musc_stream.records import SCHEMA_VERSION, Decision, FrameFailure
 
@@ -61,8 +64,8 @@ def error_record(f: FrameFailure, instance: str) -> dict[str, Any]:
 
 
 def heatmap_png(heatmap: np.ndarray, image: np.ndarray | None = None, vmin: float | None = None,
-                vmax: float | None = None) -> bytes:
-    """A JET-coloured PNG of the map at frame size, blended over the frame when given.
+                vmax: float | None = None, scale: float = 1.0) -> bytes:
+    """A JET-coloured PNG of the map at frame size (times ``scale``), blended over the frame when given.
 
     Colours span [vmin, vmax]; the publisher uses the map's median (the frame's normal background
     turns blue) up to the larger of the map's max and the threshold (only what exceeds the
@@ -74,53 +77,138 @@ def heatmap_png(heatmap: np.ndarray, image: np.ndarray | None = None, vmin: floa
     rgb = colormaps["jet"](np.clip((heatmap - low) / span, 0.0, 1.0))[..., :3]
     if image is not None and image.shape[:2] == heatmap.shape:
         rgb = 0.5 * rgb + 0.5 * (image[..., :3] / 255.0)
+    picture = Image.fromarray((rgb * 255).astype(np.uint8))
+    if scale < 1.0:
+        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        picture = picture.resize(size, Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
-    Image.fromarray((rgb * 255).astype(np.uint8)).save(buffer, format="PNG")
+    picture.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
+MIN_PICTURE_SIDE = 32  # a heatmap scaled below this says nothing; the alert goes out without it
+_PNG_BYTES_PER_PIXEL = 2.0  # first guess for a blended frame; the fit loop corrects it
+
+
+def fit_heatmap_png(heatmap: np.ndarray, image: np.ndarray | None, vmax: float | None,
+                    max_bytes: int) -> tuple[bytes | None, float]:
+    """The heatmap PNG at the largest scale (<= 1) whose size is at most ``max_bytes``.
+
+    Returns (png, scale), or (None, 0.0) when even a MIN_PICTURE_SIDE picture does not fit. The first
+    try is sized from the pixel count, so a 12 MP frame is not encoded at full size only to be
+    thrown away; each retry shrinks by the measured overshoot.
+    """
+    height, width = heatmap.shape[:2]
+    floor = MIN_PICTURE_SIDE / max(1, min(height, width))
+    scale = min(1.0, math.sqrt(max(max_bytes, 1) / (_PNG_BYTES_PER_PIXEL * width * height)))
+    for _ in range(8):
+        scale = max(scale, min(1.0, floor))
+        png = heatmap_png(heatmap, image, vmax=vmax, scale=scale)
+        if len(png) <= max_bytes:
+            return png, scale
+        if scale <= floor:
+            break
+        scale *= 0.95 * math.sqrt(max_bytes / len(png))
+    return None, 0.0
+
+
 class MqttPublisher:
-    """Publishes decisions and failures (QoS from settings, never retained) and the status."""
+    """Publishes decisions and failures (QoS from settings, never retained) and the status.
+
+    Every payload is checked against the connection's limit first (``max_publish_bytes``, or the
+    client's ``payload_limit(topic)``, which also honours the broker's MQTT 5 Maximum Packet Size):
+    an alert picture is scaled down to fit, and a message that still does not fit is logged and
+    counted, never sent, since a broker disconnects a client that sends an oversize packet. A
+    publish that raises is logged and counted too: one message never costs the connection or the
+    other lines' results.
+    """
 
     def __init__(self, client: mqtt.Client, topics: Topics, instance: str, qos: int = 1,
-                 heatmap_mode: str = "inline"):
+                 heatmap_mode: str = "inline", max_publish_bytes: int | None = None, metrics: Any = None):
         self.client = client
         self.topics = topics
         self.instance = instance
         self.qos = qos
         self.heatmap_mode = heatmap_mode
+        self.max_publish_bytes = max_publish_bytes
+        self.metrics = metrics  # sinks.metrics.Metrics, for musc_publish_failures_total
         self.failed = 0
 
-    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        info = self.client.publish(topic, payload, qos=self.qos, retain=retain)
+    def payload_limit(self, topic: str) -> int:
+        """Largest payload for ``topic`` on this connection now."""
+        limits = [self.max_publish_bytes or getattr(self.client, "max_publish_bytes", None)
+                  or DEFAULT_MAX_PUBLISH_BYTES]
+        client_limit = getattr(self.client, "payload_limit", None)
+        if callable(client_limit):
+            limit = client_limit(topic)
+            if limit is not None:
+                limits.append(limit)
+        return min(limits)
+
+    def _fail(self, kind: str, reason: str, message: str, *args: Any) -> bool:
+        self.failed += 1
+        if self.metrics is not None:
+            self.metrics.observe_publish_failure(kind, reason)
+        logger.error(message, *args)
+        return False
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False, kind: str = "result") -> bool:
+        limit = self.payload_limit(topic)
+        if len(payload) > limit:
+            return self._fail(kind, "too_large", "not publishing %d bytes to %s: over the %d-byte limit "
+                              "(mqtt.max_publish_bytes, or the broker's maximum packet size)",
+                              len(payload), escape_text(topic, 80), limit)
+        try:
+            info = self.client.publish(topic, payload, qos=self.qos, retain=retain)
+        except Exception as exc:  # noqa: BLE001 - paho raises ValueError for bad topics or sizes
+            return self._fail(kind, "client_error", "publish to %s failed: %s: %s", escape_text(topic, 80),
+                              type(exc).__name__, escape_text(str(exc), 200))
         # NO_CONN with QoS ≥ 1: paho keeps the message and sends it after reconnecting.
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN) or (
             info.rc == mqtt.MQTT_ERR_NO_CONN and self.qos == 0
         ):
-            self.failed += 1
-            logger.error("publish to %s failed: %s", topic, mqtt.error_string(info.rc))
+            return self._fail(kind, "client_error", "publish to %s failed: %s", escape_text(topic, 80),
+                              mqtt.error_string(info.rc))
+        return True
 
     def publish_decision(self, d: Decision, image: np.ndarray | None = None) -> None:
         record = result_record(d, self.instance)
-        self._publish(self.topics.result(d.line), json.dumps(record).encode())
+        self._publish(self.topics.result(d.line), json.dumps(record).encode(), kind="result")
         if not d.is_anomaly:
             return
-        png = None
-        if d.heatmap is not None:
-            vmax = max(float(d.heatmap.max()), d.threshold or 0.0)
-            png = heatmap_png(d.heatmap, image, vmax=vmax)
         alert = dict(record, type="anomaly")
-        if png is not None and self.heatmap_mode in ("inline", "both"):
-            alert["heatmap_png_b64"] = base64.b64encode(png).decode("ascii")
-        self._publish(self.topics.anomaly(d.line), json.dumps(alert).encode())
-        if png is not None and self.heatmap_mode in ("topic", "both"):
-            self._publish(self.topics.heatmap(d.line), png)
+        vmax = None if d.heatmap is None else max(float(d.heatmap.max()), d.threshold or 0.0)
+        if d.heatmap is not None and self.heatmap_mode in ("inline", "both"):
+            topic = self.topics.anomaly(d.line)
+            # base64 takes 4 bytes per 3; the rest of the alert and the key need their own room.
+            room = self.payload_limit(topic) - len(json.dumps(dict(alert, heatmap_png_b64="", heatmap_scale=1.0,
+                                                                   heatmap_omitted="too_large")).encode())
+            png, scale = fit_heatmap_png(d.heatmap, image, vmax, max(0, room) * 3 // 4)
+            if png is None:
+                alert["heatmap_omitted"] = "too_large"
+                logger.warning("alert %s of line %s goes out without its heatmap: no picture fits in %d bytes",
+                               d.frame_id, d.line, room)
+            else:
+                alert["heatmap_png_b64"] = base64.b64encode(png).decode("ascii")
+                alert["heatmap_scale"] = round(scale, 4)
+                if scale < 1.0:
+                    logger.info("alert %s of line %s: heatmap scaled to %.3g to fit the publish limit",
+                                d.frame_id, d.line, scale)
+        self._publish(self.topics.anomaly(d.line), json.dumps(alert).encode(), kind="anomaly")
+        if d.heatmap is not None and self.heatmap_mode in ("topic", "both"):
+            topic = self.topics.heatmap(d.line)
+            png, _ = fit_heatmap_png(d.heatmap, image, vmax, self.payload_limit(topic))
+            if png is None:
+                self._fail("heatmap", "too_large", "heatmap of %s on line %s not published: no picture fits",
+                           d.frame_id, d.line)
+            else:
+                self._publish(topic, png, kind="heatmap")
 
     def publish_failure(self, f: FrameFailure) -> None:
-        self._publish(self.topics.error(f.line), json.dumps(error_record(f, self.instance)).encode())
+        self._publish(self.topics.error(f.line), json.dumps(error_record(f, self.instance)).encode(), kind="error")
 
     def publish_status(self, model: str, weights: str, extra: dict[str, Any] | None = None) -> None:
         status = {"schema": SCHEMA_VERSION, "state": "online", "instance": self.instance,
                   "version": __version__, "model": model, "weights": weights, "since": time.time(),
                   **(extra or {})}
-        self._publish(self.topics.status, json.dumps(status).encode(), retain=True)
+        self._publish(self.topics.status, json.dumps(status).encode(), retain=True, kind="status")
