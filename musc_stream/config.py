@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import difflib
 import json
 import logging
 import math
@@ -14,13 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 from pydantic_settings.sources.utils import parse_env_vars
 
@@ -41,7 +43,13 @@ _UNSAFE_LINE_IDS = ("", ".", "..", "a/b", "../x", "+", "#", "a\nb", "a b", "$SYS
 
 
 class ConfigError(ValueError):
-    """Settings could not be read (file missing or malformed, unknown variable, unreadable secret)."""
+    """Settings could not be read or are invalid; the message is one line naming the setting, its value
+    (secrets masked) and what to do. From load_settings, ``validation_error`` keeps pydantic's
+    ValidationError (never print it: its text can hold the password)."""
+
+    def __init__(self, message: str, validation_error: ValidationError | None = None) -> None:
+        super().__init__(message)
+        self.validation_error = validation_error
 
 
 class _Section(BaseModel):
@@ -498,6 +506,17 @@ def _none_for_null(value: Any) -> Any:
     return None if value == NONE_STR else value
 
 
+def _env_names(model: type[BaseModel], prefix: str) -> list[str]:
+    """Every MUSC_* variable name the settings understand (nested areas too), e.g. MUSC_MQTT__TLS__CA_FILE."""
+    names = []
+    for name, field in model.model_fields.items():
+        env_name = f"{prefix}{name.upper()}"
+        names.append(env_name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names += _env_names(field.annotation, env_name + "__")
+    return names
+
+
 def _check_env_names(env: Mapping[str, str]) -> None:
     """Reject MUSC_* variables that name no area; pydantic-settings would silently ignore them."""
     areas = {name.upper() for name in Settings.model_fields}
@@ -505,8 +524,173 @@ def _check_env_names(env: Mapping[str, str]) -> None:
                      if key.upper().startswith(ENV_PREFIX) and key.upper() != CONFIG_ENV
                      and key.upper()[len(ENV_PREFIX):].split("__", 1)[0] not in areas)
     if unknown:
-        raise ConfigError(f"unknown settings variables {unknown}: names are MUSC_<AREA>__<FIELD> with a double "
-                          f"underscore, areas {sorted(areas)}")
+        known = _env_names(Settings, ENV_PREFIX)
+        problems = []
+        for key in unknown:
+            guess = difflib.get_close_matches(key.upper(), known, n=1, cutoff=0.6)
+            hint = f"did you mean {guess[0]}?" if guess else (
+                f"names are MUSC_<AREA>__<FIELD> with a double underscore, areas {sorted(areas)}")
+            problems.append(f"{key}: unknown settings variable; {hint}")
+        raise ConfigError(_one_line(problems))
+
+
+def _one_line(problems: list[str]) -> str:
+    return problems[0] if len(problems) == 1 else f"{len(problems)} settings problems: " + " | ".join(problems)
+
+
+# ------------------------------------------------------------------------------ error messages
+
+_SECRET_WORDS = ("password", "secret", "token", "passphrase")
+
+
+def _model_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel] | None, Any]:
+    """The settings model holding the last element of ``loc`` and that element's field (or None)."""
+    model: type[BaseModel] | None = Settings
+    field = None
+    for i, part in enumerate(loc):
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return (model if i == len(loc) - 1 else None), None
+        field = model.model_fields[part]
+        if i < len(loc) - 1:
+            ann = field.annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model, field
+
+
+def _is_secret_loc(loc: tuple[Any, ...]) -> bool:
+    _, field = _model_at(loc)
+    return (field is not None and _is_secret(field)) or any(
+        isinstance(part, str) and any(word in part.lower() for word in _SECRET_WORDS) for part in loc)
+
+
+def _collect_secrets(value: Any, key: str = "", found: set[str] | None = None) -> set[str]:
+    """Every string under a secret-sounding key (password, token, ...) in error inputs and sources."""
+    found = set() if found is None else found
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _collect_secrets(v, str(k), found)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _collect_secrets(v, key, found)
+    elif isinstance(value, SecretStr):
+        found.add(value.get_secret_value())
+    elif isinstance(value, str) and value and any(word in key.lower() for word in _SECRET_WORDS):
+        found.add(value)
+    return found
+
+
+def _scrub(text: str, secrets: set[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 3:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _source(loc: tuple[Any, ...], inputs: _LoadInputs | None, toml_path: Path | None,
+            overrides: Mapping[str, Any]) -> str | None:
+    """Where the value at ``loc`` came from: the command line, a MUSC_* variable or the TOML file."""
+    def lookup(data: Any) -> bool:
+        for part in loc:
+            if not isinstance(data, Mapping) or part not in data:
+                return False
+            data = data[part]
+        return True
+
+    if lookup(overrides):
+        return "the command line"
+    env = {k.upper(): k for k in (inputs.env if inputs else {})}
+    for depth in range(len(loc), 0, -1):
+        name = ENV_PREFIX + "__".join(str(part).upper() for part in loc[:depth])
+        if name in env:
+            return env[name]
+    if inputs is not None and lookup(inputs.toml):
+        table = ".".join(str(part) for part in loc[:-1])
+        return f"[{table}] {loc[-1]} in {toml_path}" if table else f"{loc[-1]} in {toml_path}"
+    return None
+
+
+def _problem(error: Mapping[str, Any], inputs: _LoadInputs | None, toml_path: Path | None,
+             overrides: Mapping[str, Any]) -> str:
+    loc = tuple(error.get("loc", ()))
+    kind = error.get("type", "")
+    ctx = error.get("ctx") or {}
+    setting = ".".join(str(part) for part in loc) or "settings"
+    source = _source(loc, inputs, toml_path, overrides)
+    where = f" (from {source})" if source else ""
+    if kind == "extra_forbidden":
+        model, _ = _model_at(loc)
+        choices = sorted(model.model_fields) if model is not None else []
+        guess = difflib.get_close_matches(str(loc[-1]), choices, n=1, cutoff=0.6) if loc else []
+        prefix = ".".join(str(part) for part in loc[:-1])
+        if guess:
+            hint = f"did you mean {prefix + '.' if prefix else ''}{guess[0]}?"
+        else:
+            hint = f"`musc-stream config` lists every setting; {prefix or 'the areas'}: {', '.join(choices)}"
+        return f"{setting}: unknown setting; {hint}{where}"
+    message = str(error.get("msg", "invalid"))
+    if kind == "value_error":  # our own validators: the message already names the settings and the fix
+        return f"{message.removeprefix('Value error, ')}{where}"
+    value = error.get("input")
+    shown = "" if isinstance(value, (Mapping, list, tuple)) else (
+        f" = {MASK}" if _is_secret_loc(loc) else f" = {_shown(value)}")
+    advice = {
+        "less_than_equal": f"must be at most {ctx.get('le')}",
+        "less_than": f"must be less than {ctx.get('lt')}",
+        "greater_than_equal": f"must be at least {ctx.get('ge')}",
+        "greater_than": f"must be more than {ctx.get('gt')}",
+        "int_parsing": "must be a whole number",
+        "int_from_float": "must be a whole number",
+        "float_parsing": "must be a number",
+        "bool_parsing": "must be true or false",
+        "literal_error": f"must be one of {ctx.get('expected')}",
+        "string_pattern_mismatch": f"must match {ctx.get('pattern')}",
+        "string_too_short": f"must have at least {ctx.get('min_length')} characters",
+        "string_too_long": f"must have at most {ctx.get('max_length')} characters",
+        "too_short": f"must have at least {ctx.get('min_length')} items",
+        "missing": "is required",
+    }.get(kind, message[:1].lower() + message[1:])
+    fix = f"fix {source}" if source else "fix it in the settings"
+    return f"{setting}{shown}: {advice}; {fix}"
+
+
+def explain_validation_error(exc: ValidationError, inputs: _LoadInputs | None = None,
+                             toml_path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> str:
+    """One line for a settings ValidationError: each problem's setting, value (secrets masked), source and fix."""
+    errors = exc.errors(include_url=False)
+    secrets = _collect_secrets([e.get("input") for e in errors])
+    if inputs is not None:
+        secrets |= _collect_secrets(inputs.toml) | _collect_secrets(dict(inputs.env))
+    secrets |= _collect_secrets(dict(overrides or {}))
+    problems = [_problem(e, inputs, toml_path, overrides or {}) for e in errors]
+    return _scrub(_one_line(problems), secrets)
+
+
+def _explain_settings_error(exc: SettingsError, inputs: _LoadInputs) -> str:
+    """pydantic-settings could not parse a MUSC_* value as JSON (dicts, lists): name the variable."""
+    problems = []
+    for key, value in inputs.env.items():
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV:
+            continue
+        loc = tuple(part.lower() for part in upper[len(ENV_PREFIX):].split("__"))
+        _, field = _model_at(loc)
+        ann = getattr(field, "annotation", None)
+        if field is None or (getattr(ann, "__origin__", ann) not in (dict, list, tuple)):
+            continue
+        try:
+            json.loads(value)
+        except ValueError as parse_error:
+            example = '{"line1": 0.42}' if getattr(ann, "__origin__", ann) is dict else "[1, 3, 5]"
+            problems.append(f"{'.'.join(loc)}: {key} is not valid JSON ({parse_error}); write it as JSON, "
+                            f"e.g. {key}='{example}'")
+    if not problems:
+        problems.append(f"{exc}; values of dict and list settings in MUSC_* variables must be JSON")
+    return _scrub(_one_line(problems), _collect_secrets(dict(inputs.env)))
 
 
 def load_settings(toml_path: Path | None = None, env: Mapping[str, str] | None = None,
@@ -527,7 +711,8 @@ def load_settings(toml_path: Path | None = None, env: Mapping[str, str] | None =
     $CREDENTIALS_DIRECTORY/mqtt_password (systemd LoadCredential=mqtt_password:...). A file's
     trailing newline is dropped.
 
-    Raises ConfigError for unreadable input and pydantic.ValidationError for invalid values.
+    Raises ConfigError, whose message is one line naming each wrong setting, its value (secrets
+    masked), where it came from and what to do, with a "did you mean" for misspelt names.
     Validation does no I/O and probes no hardware (model.device "auto" is resolved by the backbone).
     """
     env = os.environ if env is None else env
@@ -535,9 +720,14 @@ def load_settings(toml_path: Path | None = None, env: Mapping[str, str] | None =
     if toml_path is None and env.get(CONFIG_ENV):
         toml_path = Path(env[CONFIG_ENV])
     toml_data = _read_toml(Path(toml_path)) if toml_path is not None else {}
-    token = _LOAD_INPUTS.set(_LoadInputs(env=env, toml=toml_data))
+    inputs = _LoadInputs(env=env, toml=toml_data)
+    token = _LOAD_INPUTS.set(inputs)
     try:
         settings = Settings(**dict(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(explain_validation_error(exc, inputs, toml_path, overrides), exc) from None
+    except SettingsError as exc:
+        raise ConfigError(_explain_settings_error(exc, inputs)) from None
     finally:
         _LOAD_INPUTS.reset(token)
     logger.debug("settings loaded (file %s)", toml_path)
