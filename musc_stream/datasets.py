@@ -10,6 +10,18 @@ Two layouts are recognised (see ../shared/data/README.md for the magnetic tiles)
   the MT_* folders or its parent.
 
 Normal samples get defect_type "good" in both layouts.
+
+Ground-truth masks are binarised per layout (``MASK_RULES``), after a bilinear resize to the
+evaluation size S×S:
+
+- MVTec: only pixels still at 255 count. The reference (datasets/mvtec.py + ToTensor, then
+  ``astype(int32)``) truncates every fractional edge value to 0; ``>= 128`` would add the blurred
+  rim and 0.9–1.5 AUPRO points on a real MVTec category.
+- Magnetic tile: ``>= 128``. Its masks are anti-aliased (edge values 1–254 even at the original
+  size), and the dataset's README binarises at 128; "only 255" would shave every defect.
+
+The reference's VisA rule (``> 0`` after the resize) has no layout here: VisA's meta.json split
+is not read.
 """
 
 from __future__ import annotations
@@ -30,9 +42,13 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _MT_PREFIX = "MT_"
 _MT_NORMAL_CLASS = "MT_Free"
 _MVTEC_MASK_SUFFIX = "_mask"
-# Both datasets store 8-bit masks; magnetic-tile masks are anti-aliased, and its README binarises at
-# >= 128 (identical to MVTec's > 127 on uint8).
-_MASK_THRESHOLD = 128
+MVTEC = "mvtec"
+_MASK_FULL = 255  # MVTec: a defect pixel after the resize is one still at full value
+_MT_MASK_THRESHOLD = 128  # magnetic tile: the dataset README's rule for its anti-aliased masks
+MASK_RULES = {
+    MVTEC: "bilinear resize to S×S, then only pixels still at 255 (the reference truncates with astype(int32))",
+    MAGNETIC_TILE: "bilinear resize to S×S, then >= 128 (anti-aliased masks; the dataset README's rule)",
+}
 
 
 class DatasetError(Exception):
@@ -48,6 +64,7 @@ class Sample:
     defect_type: str
     mask_path: Path | None
     category: str
+    layout: str = MVTEC  # which MASK_RULES entry binarises its mask
 
 
 def load_image(path: Path) -> Image.Image:
@@ -58,10 +75,11 @@ def load_image(path: Path) -> Image.Image:
 def load_mask(sample: Sample, size_hw: tuple[int, int] | None = None) -> np.ndarray:
     """Ground-truth mask of a sample as (H, W) bool, resized to size_hw = (H, W) if given.
 
-    Resizing is bilinear on the 8-bit mask before thresholding at 128, so a defect keeps about its
-    area at the new size. A normal sample without a mask file is all False (the image header gives
-    the size when size_hw is None); an anomalous one without a mask is an error, since an all-False
-    mask would silently corrupt pixel metrics.
+    Resizing is bilinear on the 8-bit mask (PIL, as torchvision's Resize in the reference), then the
+    layout's rule (``MASK_RULES``) binarises it. A normal sample without a mask file is all False
+    (the image header gives the size when size_hw is None); an anomalous one without a mask is an
+    error, since an all-False mask would silently corrupt pixel metrics. So is an MVTec-layout mask
+    with marks below 255 only (e.g. 0/1 masks): the 255 rule would see no defect in it.
     """
     if sample.mask_path is None:
         if sample.label == 1:
@@ -71,9 +89,36 @@ def load_mask(sample: Sample, size_hw: tuple[int, int] | None = None) -> np.ndar
                 size_hw = (img.height, img.width)
         return np.zeros(size_hw, dtype=bool)
     mask = _open(sample.mask_path, "L")
+    if sample.layout == MVTEC:
+        peak = int(np.asarray(mask).max())
+        if 0 < peak < _MASK_FULL:
+            raise DatasetError(
+                f"mask {sample.mask_path} marks defects with {peak}, not 255: MVTec-layout masks must be "
+                "0 (normal) / 255 (defect); rescale it (e.g. mask * 255)"
+            )
     if size_hw is not None and (mask.height, mask.width) != tuple(size_hw):
         mask = mask.resize((size_hw[1], size_hw[0]), Image.Resampling.BILINEAR)
-    return np.asarray(mask) >= _MASK_THRESHOLD
+    return binarise_mask(np.asarray(mask), sample.layout)
+
+
+def binarise_mask(mask: np.ndarray, layout: str) -> np.ndarray:
+    """(H, W) uint8 mask at the evaluation size → bool, by the layout's rule (``MASK_RULES``)."""
+    if layout == MVTEC:
+        return mask >= _MASK_FULL
+    if layout == MAGNETIC_TILE:
+        return mask >= _MT_MASK_THRESHOLD
+    raise ValueError(f"unknown dataset layout {layout!r}; have {sorted(MASK_RULES)}")
+
+
+def camera_setup(sample: Sample) -> str:
+    """Capture set-up of a magnetic-tile sample: its file-name prefix (``exp1_num_…`` → ``exp1``).
+
+    The MTD photos come from six set-ups (exp1…exp6, plus three stray exp0 files); a real line is one
+    of them. Other layouts have no set-ups: the category stands for one.
+    """
+    if sample.layout != MAGNETIC_TILE:
+        return sample.category
+    return sample.path.stem.split("_", 1)[0]
 
 
 def discover(root: Path) -> dict[str, list[Sample]]:
@@ -232,5 +277,5 @@ def _discover_magnetic_tile(folder: Path) -> list[Sample]:
             mask_path = pngs.get(stem)
             if label == 1 and mask_path is None:
                 logger.warning("anomalous image %s has no mask %s.png", path, stem)
-            samples.append(Sample(path, label, defect_type, mask_path, MAGNETIC_TILE))
+            samples.append(Sample(path, label, defect_type, mask_path, MAGNETIC_TILE, MAGNETIC_TILE))
     return samples

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from musc_stream.datasets import Sample, discover, load_image, load_mask, seeded_subset
+from musc_stream.datasets import MASK_RULES, Sample, discover, load_image, load_mask, seeded_subset
 from musc_stream.engine import Engine, EngineConfig
 from musc_stream.metrics import image_metrics, pixel_metrics
 from musc_stream.model.backbone import Backbone, Features
@@ -63,6 +63,11 @@ def _mean(per_category: dict[str, dict], level: str) -> dict[str, float]:
     return {k: float(np.nanmean([c[level][k] for c in per_category.values()])) for k in keys}
 
 
+def _mask_rules(samples: Sequence[Sample]) -> str:
+    """How the category's ground truth was binarised, in words (datasets.MASK_RULES)."""
+    return "; ".join(f"{layout}: {MASK_RULES[layout]}" for layout in sorted({s.layout for s in samples}))
+
+
 def run_batch_eval(
     root: Path,
     backbone: Backbone,
@@ -94,6 +99,7 @@ def run_batch_eval(
         masks = np.stack([load_mask(s, (side, side)) for s in samples])
         maps = np.stack(result.maps)
         per_category[name] = {
+            "mask_rule": _mask_rules(samples),
             "image": image_metrics(labels, result.scores),
             "pixel": pixel_metrics(masks, maps),
             "n_images": len(samples),
@@ -107,7 +113,8 @@ def run_batch_eval(
     report = {
         "settings": {
             "image_size": side, "r_list": list(settings.r_list), "topmin_max": settings.topmin_max,
-            "rscin_windows": list(settings.rscin_windows), "layers": list(backbone.layers),
+            "rscin_windows": list(settings.rscin_windows), "rscin_features": settings.rscin_features,
+            "layers": list(backbone.layers),
             "distance_dtype": str(settings.distance_dtype or "float32"),
             "device": str(backbone.device), "root": str(root),
         },

@@ -15,6 +15,7 @@ shows them ×100 with 2 decimals):
                 "pixel": {"auroc", "ap", "f1_max", "aupro"},   # -> float; may be empty without masks
                 "n_images": int,
                 "n_anomalous": int,
+                "mask_rule": str,                              # optional: how its masks were binarised
             },
         },
         "mean": {"image": {...}, "pixel": {...}},   # unweighted category means (§7), computed by the caller
@@ -169,6 +170,10 @@ def _markdown(result: dict[str, Any]) -> str:
     n_anomalous = sum(entry["n_anomalous"] for entry in result["categories"].values())
     mean_cells = ["**mean**", str(n_images), str(n_anomalous)] + _metric_cells(result["mean"])
     lines.append("| " + " | ".join(mean_cells) + " |")
+    rules = {category: entry["mask_rule"] for category, entry in result["categories"].items() if "mask_rule" in entry}
+    if rules:
+        lines += ["", "Ground-truth masks (at S×S):", ""]
+        lines += [f"- {category}: {rule}" for category, rule in rules.items()]
     timings = result["timings"]
     lines += [
         "",

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musc_stream.datasets import DatasetError, Sample, discover, load_image, load_mask, seeded_subset
+from musc_stream.datasets import (
+    MASK_RULES,
+    DatasetError,
+    Sample,
+    camera_setup,
+    discover,
+    load_image,
+    load_mask,
+    seeded_subset,
+)
 
 REAL_MT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "magnetic_tile"
 
@@ -77,7 +86,9 @@ def test_mvtec_masks(mvtec_root):
     assert mask.dtype == bool and mask.shape == (6, 8)
     assert mask.sum() == 6 and mask[1:3, 2:5].all()
     resized = load_mask(broken, (12, 16))
-    assert resized.shape == (12, 16) and 18 <= resized.sum() <= 30  # area about 4× of 6
+    # 2× up: the bilinear rim falls below 255, so only the 4×2 core counts, as in the reference
+    assert resized.shape == (12, 16) and resized.sum() == 8
+    assert np.array_equal(resized, _reference_mvtec_mask(broken.mask_path, (12, 16)))
     assert load_mask(good, (12, 16)).shape == (12, 16) and not load_mask(good, (12, 16)).any()
     assert load_mask(good).shape == (6, 8)  # size read from the image
 
@@ -209,3 +220,63 @@ def test_discover_real_magnetic_tile():
         assert sample.defect_type == "uneven" and sample.label == 1
         assert not load_mask(sample).any()
     assert discover(REAL_MT.parent)["magnetic_tile"] == samples
+
+
+def _reference_mvtec_mask(path: Path, size_hw) -> np.ndarray:
+    """The reference's MVTec ground truth (datasets/mvtec.py): Resize((S,S)) + ToTensor on the PIL
+    mask, then astype(int32) in the evaluation, so only pixels still at 1.0 count."""
+    from torchvision import transforms
+
+    tensor = transforms.Compose([transforms.Resize(size_hw), transforms.ToTensor()])(Image.open(path))
+    return tensor[0].numpy().astype(np.int32).astype(bool)
+
+
+def test_mvtec_mask_only_pixels_still_at_255_count(tmp_path):
+    root = tmp_path / "mvtec" / "widget"
+    _write_image(root / "test" / "good" / "000.png", size_wh=(53, 37))
+    _write_image(root / "test" / "dent" / "000.png", size_wh=(53, 37))
+    # a real-looking 0/255 mask: a disc and a thin line (both leave soft edges after the resize)
+    yy, xx = np.mgrid[:37, :53]
+    mask = (((yy - 15) ** 2 + (xx - 20) ** 2) < 64) | ((xx == 40) & (yy > 5))
+    mask_path = root / "ground_truth" / "dent" / "000_mask.png"
+    mask_path.parent.mkdir(parents=True)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_path)
+    sample = next(s for s in discover(root)["widget"] if s.label == 1)
+    assert sample.layout == "mvtec"
+    for side in (24, 96):  # down- and up-sampling
+        ours = load_mask(sample, (side, side))
+        assert np.array_equal(ours, _reference_mvtec_mask(mask_path, (side, side)))
+        resized = np.asarray(Image.open(mask_path).resize((side, side), Image.Resampling.BILINEAR))
+        assert 0 < ours.sum() < (resized >= 128).sum()  # the soft rim is left out, the core kept
+    assert np.array_equal(load_mask(sample), mask)  # at its own size the mask is the file
+
+
+def test_mvtec_mask_that_is_not_0_255_is_a_clear_error(tmp_path):
+    root = tmp_path / "widget"
+    _write_image(root / "test" / "dent" / "000.png")
+    _write_mask(root / "ground_truth" / "dent" / "000_mask.png", (1, 1, 4, 4), value=1)  # a 0/1 mask
+    sample = discover(root)["widget"][0]
+    with pytest.raises(DatasetError, match=r"000_mask.png marks defects with 1, not 255"):
+        load_mask(sample, (8, 8))
+
+
+@pytest.mark.skipif(not REAL_MT.is_dir(), reason="real magnetic-tile data not present at ../shared/data")
+def test_real_magnetic_tile_mask_keeps_the_128_rule():
+    sample = next(s for s in discover(REAL_MT)["magnetic_tile"] if s.path.stem == "exp1_num_249594")
+    assert sample.layout == "magnetic_tile" and sample.defect_type == "crack"
+    original = np.asarray(Image.open(sample.mask_path).convert("L"))
+    assert ((original > 0) & (original < 255)).sum() > 100  # anti-aliased at its own size
+    resized = np.asarray(Image.open(sample.mask_path).convert("L").resize((224, 224), Image.Resampling.BILINEAR))
+    mask = load_mask(sample, (224, 224))
+    assert np.array_equal(mask, resized >= 128)
+    assert mask.sum() > (resized == 255).sum()  # the MVTec rule would shave this crack
+    assert set(MASK_RULES) == {"mvtec", "magnetic_tile"}
+
+
+@pytest.mark.skipif(not REAL_MT.is_dir(), reason="real magnetic-tile data not present at ../shared/data")
+def test_camera_setup_is_the_file_name_prefix(mvtec_root):
+    samples = discover(REAL_MT)["magnetic_tile"]
+    assert Counter(camera_setup(s) for s in samples if s.label == 0) == {
+        "exp0": 1, "exp1": 157, "exp2": 159, "exp3": 157, "exp4": 160, "exp5": 160, "exp6": 158,
+    }
+    assert {camera_setup(s) for s in discover(mvtec_root)["bottle"]} == {"bottle"}

@@ -66,6 +66,19 @@ def test_report_markdown_table(tmp_path):
     assert "98.89" in mean and "94.73" in mean and "| 133 | 73 |" in mean
     assert "0.1250 s per image" in text and "0.0625 s per image" in text
     assert "| topmin_max | `0.3` |" in text
+    assert "Ground-truth masks" not in text  # no category states a rule
+
+
+def test_report_markdown_says_how_masks_were_binarised(tmp_path):
+    from musc_stream.datasets import MASK_RULES
+
+    result = _result()
+    result["categories"]["magnetic_tile"]["mask_rule"] = f"magnetic_tile: {MASK_RULES['magnetic_tile']}"
+    result["categories"]["bottle"]["mask_rule"] = f"mvtec: {MASK_RULES['mvtec']}"
+    lines = write_report(tmp_path, result)[1].read_text().splitlines()
+    rules = lines[lines.index("Ground-truth masks (at S×S):") + 2:][:2]
+    assert rules[0].startswith("- magnetic_tile: magnetic_tile: ") and ">= 128" in rules[0]
+    assert rules[1].startswith("- bottle: mvtec: ") and "still at 255" in rules[1]
 
 
 @pytest.mark.parametrize("n_items, max_items, rows", [(3, 16, 3), (5, 2, 2)])

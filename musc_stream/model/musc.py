@@ -17,6 +17,7 @@ import torch.nn.functional as F
 # Byte budget for one block of the MSM distance matrix. 256 MiB keeps the CPU cache-friendly and a
 # GPU far from its limit at N=200, L=1369 (the full matrix there would be ~1.4 TiB·fp32 per layer).
 _MSM_BLOCK_BYTES = 256 * 2**20
+RSCIN_FEATURES = ("normalised", "raw")
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,18 @@ class MuscSettings:
     r_list: tuple[int, ...] = (1, 3, 5)
     topmin_max: float = 0.3
     rscin_windows: tuple[int, ...] = (1, 2, 3)
+    # Image features RsCIN compares: "normalised" (cosine similarity, our default for every backbone)
+    # or "raw" (the reference's plain dot product, which it uses for DINO CLS features; kept for
+    # parity). See `rscin` for why the default deviates for DINO.
+    rscin_features: str = "normalised"
     # dtype of the MSM distance matmul; None keeps the features' dtype. torch.float16/bfloat16 on a
     # GPU halves memory traffic and accumulates in fp32 (measured in benchmarks/).
     distance_dtype: torch.dtype | None = None
     block_bytes: int = _MSM_BLOCK_BYTES
+
+    def __post_init__(self) -> None:
+        if self.rscin_features not in RSCIN_FEATURES:
+            raise ValueError(f"rscin_features must be one of {RSCIN_FEATURES}, got {self.rscin_features!r}")
 
 
 @dataclass
@@ -191,21 +200,35 @@ def mutual_scores(
 
 
 def rscin(
-    scores: torch.Tensor, image_features: torch.Tensor, windows: Sequence[int] = (1, 2, 3)
+    scores: torch.Tensor,
+    image_features: torch.Tensor,
+    windows: Sequence[int] = (1, 2, 3),
+    features: str = "normalised",
 ) -> torch.Tensor:
     """RsCIN (§6.2): re-score each image with its k most similar images, averaged over windows.
 
-    scores: (N,) raw image scores; image_features: (N, D) (L2-normalised for CLIP, raw for DINO).
-    Returns (N,) fp32. Scores are min-max normalised first (all-equal scores become 0); for each
-    window k the row of similarities keeps its k largest entries (self included), is divided by its
-    sum and applied to the scores.
+    scores: (N,) raw image scores; image_features: (N, D). Returns (N,) fp32. Scores are min-max
+    normalised first (all-equal scores become 0); for each window k the row of similarities keeps its
+    k largest entries, is divided by its sum and applied to the scores. A window list containing 0
+    returns the raw scores (RsCIN off).
+
+    ``features="normalised"`` L2-normalises the features first, so similarities are cosines and an
+    image is always its own nearest neighbour. The reference does this for CLIP only; for DINO it
+    takes raw dot products of CLS features (``features="raw"``, kept for parity), where a few
+    large-norm CLS vectors top every row, so they become everyone's neighbours and an image's own
+    score may drop out of its window (measured in benchmarks/results/rscin_magnetic_tile.md).
+    For CLIP, whose features arrive L2-normalised, both modes give the same result.
     """
+    if features not in RSCIN_FEATURES:
+        raise ValueError(f"features must be one of {RSCIN_FEATURES}, got {features!r}")
     if 0 in windows:
         return scores
     c = scores.double()
     span = c.max() - c.min()
     c_hat = (c - c.min()) / span if span > 0 else torch.zeros_like(c)
     g = image_features.double()
+    if features == "normalised":
+        g = F.normalize(g, dim=-1)
     similarity = (g @ g.T).float()  # (N, N)
     c_hat = c_hat.float()
     n = similarity.shape[0]
@@ -273,5 +296,5 @@ def musc_from_tokens(
     side = grid_side(num_patches)
     maps = fuse_patch_scores(layer_tokens, settings, on_step).reshape(n, side, side)  # (N, h, w)
     raw = image_scores_from_maps(maps, score_size or (side, side))
-    final = rscin(raw, image_features.to(raw.device), settings.rscin_windows)
+    final = rscin(raw, image_features.to(raw.device), settings.rscin_windows, settings.rscin_features)
     return MuscResult(patch_maps=maps, raw_scores=raw, scores=final)

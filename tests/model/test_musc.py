@@ -152,12 +152,56 @@ def test_mutual_scores_needs_two_images():
         mutual_scores(torch.randn(1, 4, 3))
 
 
-def test_rscin_matches_reference():
+def test_rscin_raw_mode_matches_reference():
     torch.manual_seed(3)
     scores = torch.rand(10)
-    feats = torch.rand(10, 6)  # positive dot products, like near-uniform CLIP similarities
-    ours = rscin(scores, feats, (1, 2, 3))
+    feats = torch.rand(10, 6)  # positive dot products, as the reference's DINO path sees them
+    ours = rscin(scores, feats, (1, 2, 3), features="raw")
     assert torch.allclose(ours, _reference_rscin(scores, feats, (1, 2, 3)), atol=1e-6)
+    assert not torch.allclose(ours, rscin(scores, feats, (1, 2, 3)), atol=1e-3)  # the default differs
+
+
+def test_rscin_normalised_mode_is_the_reference_on_unit_features():
+    torch.manual_seed(7)
+    scores = torch.rand(12)
+    feats = torch.randn(12, 8) * torch.rand(12, 1) * 5  # norms vary, like DINO CLS tokens
+    unit = F.normalize(feats, dim=-1)  # what the reference hands RsCIN for CLIP
+    expected = _reference_rscin(scores, unit, (1, 2, 3))
+    assert torch.allclose(rscin(scores, feats, (1, 2, 3)), expected, atol=1e-6)
+    # features that are already unit (CLIP's encode_image): both modes give the reference
+    assert torch.allclose(rscin(scores, unit, (1, 2, 3), features="raw"), expected, atol=1e-6)
+
+
+def test_rscin_raw_mode_lets_a_large_norm_feature_be_everyones_neighbour():
+    torch.manual_seed(8)
+    feats = F.normalize(torch.rand(8, 16) + 1.0, dim=-1)  # one product: all cosines high
+    feats[0] *= 3.0  # one large-norm image feature (a "hub")
+    scores = torch.zeros(8)
+    scores[5] = 1.0  # image 5 is the defect
+    raw = rscin(scores, feats, (1, 2, 3), features="raw")
+    normalised = rscin(scores, feats, (1, 2, 3))
+    # raw: every row's top similarity is the hub, so even k=1 replaces each score by the hub's
+    assert torch.equal(torch.topk(feats @ feats.T, 1, dim=1).indices[:, 0], torch.zeros(8, dtype=torch.long))
+    assert torch.equal(rscin(scores, feats, (1,), features="raw"), torch.zeros(8))  # the hub's score 0
+    assert raw[5] < 0.5  # the defect's 1.0 diluted by the hub and its neighbours
+    # normalised: an image is its own nearest neighbour, so the defect keeps the top score
+    assert int(normalised.argmax()) == 5 and normalised[5] > 0.5
+
+
+def test_rscin_rejects_unknown_feature_mode():
+    with pytest.raises(ValueError, match="rscin_features"):
+        MuscSettings(rscin_features="cosine")
+    with pytest.raises(ValueError, match="features"):
+        rscin(torch.rand(3), torch.rand(3, 2), (1, 2), features="cosine")
+
+
+def test_musc_from_tokens_applies_the_rscin_feature_mode():
+    torch.manual_seed(9)
+    layers = [torch.randn(6, 16, 8) for _ in range(2)]
+    feats = torch.randn(6, 4) * torch.arange(1, 7)[:, None]
+    for mode in ("normalised", "raw"):
+        result = musc_from_tokens(layers, feats, MuscSettings(r_list=(1,), rscin_features=mode), (8, 8))
+        assert torch.allclose(result.scores, rscin(result.raw_scores, feats, (1, 2, 3), features=mode))
 
 
 def test_rscin_window_one_is_minmax_normalised_scores():
