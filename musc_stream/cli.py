@@ -102,7 +102,8 @@ def cmd_eval(args) -> int:
             print(text)
             return 0
         selection = Selection(args.n_normal, args.n_anomalous, args.seed)
-        settings = MuscSettings(rscin_windows=tuple(args.rscin_windows))
+        settings = MuscSettings(rscin_windows=tuple(args.rscin_windows),
+                                rscin_features=args.rscin_features or MuscSettings.rscin_features)
         report, outputs = run_batch_eval(
             root, backbone, settings, selection,
             categories=args.category or None, batch_size=args.batch_size, progress=_progress,
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--rscin-windows", type=int, nargs="+", default=[1, 2, 3],
                    help="RsCIN windows (reference: 1 2 3 for MVTec/BTAD, 1 8 9 for VisA; 0 turns RsCIN off)")
+    p.add_argument("--rscin-features", choices=("normalised", "raw"), default=None,
+                   help="RsCIN similarity: cosine of L2-normalised image features (default) or the "
+                        "reference's raw dot product (its DINO path; for parity)")
     p.add_argument("--stream", action="store_true", help="replay a seeded stream through the service engine")
     p.add_argument("--frames", type=int, default=200, help="--stream: frames in the stream")
     p.add_argument("--anomaly-rate", type=float, default=0.1, help="--stream: share of defective frames")
