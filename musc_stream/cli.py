@@ -152,14 +152,14 @@ def _settings(args):
 
 def cmd_serve(args) -> int:
     from musc_stream.model.backbone import WeightsNotFoundError
-    from musc_stream.service import Service
+    from musc_stream.service import Service, StartupError
 
     settings = _settings(args)
     _setup_logging(settings.log.level, settings.log.format)
     service = Service(settings)
     try:
-        service.start()
-    except (WeightsNotFoundError, ConnectionRefusedError) as exc:
+        service.start(ready_timeout_s=args.ready_timeout)
+    except (WeightsNotFoundError, ConnectionRefusedError, TimeoutError, StartupError) as exc:
         raise UserError(str(exc)) from exc
     return service.run()
 
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the service (settings from MUSC_* env and an optional TOML file)")
     p.add_argument("--config", default=os.environ.get("MUSC_CONFIG"), help="TOML settings file")
+    p.add_argument("--ready-timeout", type=float, default=None, metavar="S",
+                   help="fail (exit 2, one line saying why) unless subscribed to the broker within S seconds")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("replay", help="publish a folder of images as a camera would")

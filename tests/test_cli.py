@@ -139,3 +139,100 @@ def test_replay_publishes_a_folder_to_a_real_broker(tmp_path):
             time.sleep(0.05)
         sub.loop_stop()
     assert got == [("line/cam7/frames", f"frame{i}") for i in range(3)]
+
+
+# -------------------------------------------------------------- errors people can act on
+
+
+def _held_port():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s, s.getsockname()[1]
+
+
+def _serve_env(tmp_path, **extra):
+    """serve with a random tiny model (no weights needed) writing under tmp_path."""
+    return {"MUSC_MODEL__NAME": "random-vit-tiny", "MUSC_MODEL__PRETRAINED": "null",
+            "MUSC_AUDIT__DIR": str(tmp_path / "audit"), "MUSC_STATE__DIR": str(tmp_path / "state"), **extra}
+
+
+def _one_error_line(result) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "musc-stream: error:" in line]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_serve_metrics_port_in_use_is_one_line_and_log_level_is_honoured(tmp_path):
+    held, port = _held_port()
+    with held:
+        result = musc("--log-level", "WARNING", "serve", env=_serve_env(tmp_path, MUSC_METRICS__PORT=str(port)))
+    line = _one_error_line(result)
+    assert f"metrics.port {port}: the port is already in use" in line and "MUSC_METRICS__PORT" in line
+    assert " INFO " not in result.stderr  # --log-level WARNING wins over the default INFO of [log] level
+    assert "faiss" not in result.stderr
+
+
+def test_json_logs_are_one_object_per_line_with_loader_noise_demoted(tmp_path):
+    held, port = _held_port()
+    with held:
+        result = musc("--log-level", "DEBUG", "serve",
+                      env=_serve_env(tmp_path, MUSC_METRICS__PORT=str(port), MUSC_LOG__FORMAT="json"))
+    assert result.returncode == 2 and result.stderr.strip()
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line is one JSON object
+    faiss = [r for r in records if r["logger"].startswith("faiss")]
+    assert faiss and all(r["level"] == "DEBUG" for r in faiss)  # the loader's INFO chatter, below INFO
+    assert "the port is already in use" in records[-1]["message"]
+
+
+def test_serve_unknown_model_is_one_line(tmp_path):
+    line = _one_error_line(musc("serve", env=_serve_env(tmp_path, MUSC_MODEL__NAME="dinov3_vitq14")))
+    assert "model.name = 'dinov3_vitq14': unknown backbone" in line
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path):
+    import torch
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU; cuda:0 on a box without one
+    line = _one_error_line(musc("serve", env=_serve_env(tmp_path, MUSC_MODEL__DEVICE=missing)))
+    assert f"model.device (MUSC_MODEL__DEVICE) = '{missing}'" in line
+    line = _one_error_line(musc("eval", "--device", missing, "--model", "random-vit-tiny", "--pretrained", "none"))
+    assert f"--device = '{missing}'" in line
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"MUSC_MQTT__HOTS": "broker"}, "mqtt.hots: unknown setting; did you mean mqtt.host?"),
+    ({"MUSC_THRESHOLD__OVERRIDES": "{line1: 0.4}"}, "MUSC_THRESHOLD__OVERRIDES is not valid JSON"),
+    ({"MUSC_MQTT__PORT": "http"}, "mqtt.port = 'http': must be a whole number; fix MUSC_MQTT__PORT"),
+])
+def test_configuration_mistakes_are_one_line_exit_2(env, expected):
+    assert expected in _one_error_line(musc("config", env=env))
+
+
+def test_password_never_reaches_stderr_on_a_configuration_error(tmp_path):
+    secret = "s3cret-Pa55word-xyz"
+    password_file = tmp_path / "pw"
+    password_file.write_text(secret + "\n")
+    credentials = tmp_path / "creds"
+    credentials.mkdir()
+    (credentials / "mqtt_password").write_text(secret)
+    broken = {"MUSC_MQTT__USERNAME": "musc", "MUSC_MQTT__RECONNECT_MIN_S": "99", "MUSC_MQTT__KEEPALIVE": "x"}
+    runs = [("config", {"MUSC_MQTT__PASSWORD": secret}), ("config", {"MUSC_MQTT__PASSWORD_FILE": str(password_file)}),
+            ("serve", {"CREDENTIALS_DIRECTORY": str(credentials)})]  # the systemd unit's way
+    for command, source in runs:
+        result = musc(command, env={**broken, **source})
+        line = _one_error_line(result)
+        assert "mqtt.keepalive = 'x': must be a whole number" in line
+        assert secret not in result.stderr and secret not in result.stdout
+
+
+def test_replay_without_a_broker_is_one_line(tmp_path):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "f.png")
+    held, port = _held_port()
+    held.close()  # a port nobody listens on
+    line = _one_error_line(musc("replay", str(tmp_path), "--line", "a", "--port", str(port)))
+    assert f"no MQTT broker answered at localhost:{port}" in line and "--host and --port" in line

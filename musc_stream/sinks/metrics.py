@@ -418,7 +418,9 @@ def start_http_server(metrics: Metrics, host: str, port: int) -> tuple[MetricsSe
     try:
         httpd = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
     except OSError as exc:
-        raise MetricsBindError(exc.errno, _bind_advice(host, port, exc)) from None
+        error = MetricsBindError(_bind_advice(host, port, exc))
+        error.errno = exc.errno
+        raise error from None
     server = MetricsServer(httpd)
     logger.info("metrics on http://%s:%d/metrics", host, server.port)
     return server, server.port
