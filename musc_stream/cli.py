@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
+import threading
 from pathlib import Path
 
 logger = logging.getLogger("musc_stream")
@@ -22,24 +24,91 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2, no traceback."""
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_LOG_MESSAGE = 4096  # characters of one log message; a payload-sized message is cut, not printed whole
+# Libraries that log start-up chatter at INFO (faiss's loader tries every CPU build and logs each
+# try, one a ModuleNotFoundError; numexpr counts threads): shown only with --log-level DEBUG.
+NOISY_LOGGERS = ("faiss", "numexpr", "matplotlib", "PIL", "urllib3", "filelock", "fsspec", "h5py",
+                 "open_clip", "timm", "huggingface_hub", "paho")
+_UNPRINTABLE = re.compile(r"[^\S ]|[\x00-\x1f\x7f-\x9f\u2028\u2029\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff"
+                          r"\ud800-\udfff]")
+
+
+def safe_message(record: logging.LogRecord) -> str:
+    """The record's message with control characters, line separators, ANSI escapes and lone surrogates
+    escaped (a frame id cannot forge log lines or colour a terminal), cut to MAX_LOG_MESSAGE."""
+    try:
+        message = record.getMessage()
+    except Exception as exc:  # noqa: BLE001 - a bad format string must not lose the record
+        message = f"{record.msg!r} (unformattable: {type(exc).__name__})"
+    if len(message) > MAX_LOG_MESSAGE:
+        message = f"{message[:MAX_LOG_MESSAGE]}...(+{len(message) - MAX_LOG_MESSAGE} chars)"
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), message)
+
+
+class _TextFormatter(logging.Formatter):
+    """One line per record (a traceback follows on its own lines); the message escaped (safe_message)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = safe_message(record)
+        return super().formatMessage(record)
+
+
 class _JsonFormatter(logging.Formatter):
-    """One JSON object per line, for journald/Loki."""
+    """One JSON object per line, for journald/Loki, for every logger (ours and third-party)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": record.created, "level": record.levelname, "logger": record.name,
-                 "thread": record.threadName, "message": record.getMessage()}
+                 "thread": record.threadName, "message": safe_message(record)}
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, ensure_ascii=True, default=str)
+
+
+def _log_uncaught(exc_type, exc, tb, thread_name: str | None = None) -> None:
+    if issubclass(exc_type, KeyboardInterrupt):
+        return
+    logging.getLogger("musc_stream").critical("uncaught %s in thread %s", exc_type.__name__,
+                                              thread_name or "MainThread", exc_info=(exc_type, exc, tb))
+
+
+class _DemoteNoise(logging.Filter):
+    """Third-party INFO chatter (NOISY_LOGGERS) becomes DEBUG: shown only when DEBUG is asked for."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and record.name.split(".", 1)[0] in NOISY_LOGGERS:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.level <= logging.DEBUG
+        return True
+
+
+_LOG_FORMAT = "text"
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
+    """Root handler for every logger; uncaught exceptions in threads and warnings go through it too,
+    so with JSON logs every line on stderr is one JSON object."""
+    global _LOG_FORMAT
+    _LOG_FORMAT = fmt
     handler = logging.StreamHandler()
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    numeric = getattr(logging, str(level).upper(), logging.INFO)
+    handler.addFilter(_DemoteNoise(numeric))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    root.setLevel(numeric)
+    logging.captureWarnings(True)
+    threading.excepthook = lambda a: _log_uncaught(a.exc_type, a.exc_value, a.exc_traceback,
+                                                   a.thread.name if a.thread else None)
 
 
 def _add_model_args(p: argparse.ArgumentParser, image_size: int = 224) -> None:
@@ -57,7 +126,7 @@ def _load_backbone(args):
     from musc_stream.service import resolve_device
 
     pretrained = None if str(args.pretrained).lower() in ("none", "random", "") else args.pretrained
-    device = resolve_device(args.device)
+    device = resolve_device(_check_device(args.device, "--device"))
     spec = BackboneSpec(name=args.model, pretrained=pretrained, image_size=args.image_size,
                         device=device, half=device != "cpu")
     try:
@@ -67,6 +136,28 @@ def _load_backbone(args):
     logger.info("backbone %s at %d px on %s, weights: %s", spec.name, spec.image_size,
                 backbone.device, backbone.weights_label)
     return backbone
+
+
+def _check_device(device: str, what: str) -> str:
+    """Fail with one line when the asked-for accelerator is not there (torch would raise deep inside).
+
+    what: how the user set it, e.g. "--device" or "model.device (MUSC_MODEL__DEVICE)"."""
+    import torch
+
+    named = f"{what} = {device!r}"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":", 1)[1]) if device[5:6] == ":" and device[6:].isdigit() else 0
+        if count == 0:
+            raise UserError(f"{named}: no CUDA GPU is visible to this process (driver, CUDA_VISIBLE_DEVICES, "
+                            "or a CPU-only torch); use 'cpu' or 'auto'")
+        if index >= count:
+            raise UserError(f"{named}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"{named}: Apple's Metal backend is not available here; use 'cpu' or 'auto'")
+    elif device not in ("auto", "cpu", "mps") and not device.startswith("cuda"):
+        raise UserError(f"{named}: use cpu, cuda, cuda:N, mps or auto")
+    return device
 
 
 def _progress(stage: str, done: int, total: int) -> None:
@@ -80,7 +171,7 @@ def cmd_eval(args) -> int:
     import numpy as np
 
     from musc_stream.datasets import DatasetError, load_image, load_mask
-    from musc_stream.evaluate import Selection, run_batch_eval, run_stream_eval, stream_report_markdown
+    from musc_stream.evaluate import Selection, run_batch_eval
     from musc_stream.model.musc import MuscSettings
     from musc_stream.report import write_heatmap_grid, write_report
 
@@ -92,15 +183,7 @@ def cmd_eval(args) -> int:
     backbone = _load_backbone(args)
     try:
         if args.stream:
-            result = run_stream_eval(
-                root, backbone, n_frames=args.frames, anomaly_rate=args.anomaly_rate, seed=args.seed,
-                window_sizes=tuple(args.windows), progress=_progress,
-            )
-            (out / "stream_report.json").write_text(json.dumps(result, indent=2))
-            text = stream_report_markdown(result)
-            (out / "stream_report.md").write_text(text)
-            print(text)
-            return 0
+            return _eval_stream(args, root, out, backbone)
         selection = Selection(args.n_normal, args.n_anomalous, args.seed)
         settings = MuscSettings(rscin_windows=tuple(args.rscin_windows),
                                 rscin_features=args.rscin_features or MuscSettings.rscin_features)
@@ -126,6 +209,35 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _eval_stream(args, root: Path, out: Path, backbone) -> int:
+    """``eval --stream``: one line per camera set-up through the service's engine (stream_eval.py)."""
+    from dataclasses import replace
+
+    from musc_stream.engine import EngineConfig
+    from musc_stream.model.musc import MuscSettings
+    from musc_stream.stream_eval import run_stream_eval, stream_report_markdown
+
+    config = EngineConfig()
+    if args.window is not None:
+        config = replace(config, window_size=args.window)
+    batch = MuscSettings(rscin_windows=tuple(args.rscin_windows),
+                         rscin_features=args.rscin_features or MuscSettings.rscin_features)
+    try:
+        result = run_stream_eval(
+            root, backbone, config, n_frames=args.frames, anomaly_rate=args.anomaly_rate, seed=args.seed,
+            modes=tuple(args.modes), setups=args.setup or None, categories=args.category or None,
+            batch_settings=batch, batch_size=args.batch_size, pixel=not args.no_pixel, progress=_progress,
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    (out / "stream_report.json").write_text(json.dumps(result, indent=2, default=str))
+    text = stream_report_markdown(result)
+    (out / "stream_report.md").write_text(text)
+    print(text)
+    print(f"wrote {out / 'stream_report.json'} and {out / 'stream_report.md'}")
+    return 0
+
+
 # -- config ---------------------------------------------------------------------------------
 
 
@@ -146,21 +258,41 @@ def _settings(args):
 
     try:
         return load_settings(Path(args.config) if args.config else None)
-    except (ConfigError, ValidationError) as exc:
-        raise UserError(f"invalid settings: {exc}") from exc
+    except ConfigError as exc:  # one line, secrets masked (never print a ValidationError: it echoes input)
+        raise UserError(f"invalid settings: {exc}") from None
+    except ValidationError:  # not from load_settings today; never echo its text
+        raise UserError("invalid settings (run `musc-stream config` to see them)") from None
+
+
+def _serve_backbone(settings):
+    """Load the model before anything connects, so a wrong name or missing weights is one line."""
+    from musc_stream.model.backbone import WeightsNotFoundError
+    from musc_stream.service import backbone_from_settings
+
+    m = settings.model
+    _check_device(m.device, "model.device (MUSC_MODEL__DEVICE)")
+    try:
+        return backbone_from_settings(settings)
+    except WeightsNotFoundError as exc:
+        raise UserError(f"model.pretrained = {m.pretrained!r}: {exc}") from None
+    except ValueError as exc:  # unknown backbone name, weights for another model, bad image size
+        raise UserError(f"model.name = {m.name!r}: {exc} (MUSC_MODEL__NAME / MUSC_MODEL__PRETRAINED)") from None
 
 
 def cmd_serve(args) -> int:
     from musc_stream.model.backbone import WeightsNotFoundError
     from musc_stream.service import Service, StartupError
+    from musc_stream.sinks.metrics import MetricsBindError
 
     settings = _settings(args)
-    _setup_logging(settings.log.level, settings.log.format)
-    service = Service(settings)
+    _setup_logging(args.log_level or settings.log.level, settings.log.format)
+    service = Service(settings, backbone=_serve_backbone(settings))
     try:
         service.start(ready_timeout_s=args.ready_timeout)
     except (WeightsNotFoundError, ConnectionRefusedError, TimeoutError, StartupError) as exc:
         raise UserError(str(exc)) from exc
+    except MetricsBindError as exc:  # start() has stopped what it started
+        raise UserError(str(exc)) from None
     return service.run()
 
 
@@ -173,8 +305,13 @@ def cmd_replay(args) -> int:
     files = image_files(folder)[: args.limit or None]
     if not files:
         raise UserError(f"no .jpg/.jpeg/.png images in {folder}")
-    camera = Camera(args.host, args.port, args.protocol, client_id=f"musc-replay-{args.line}",
-                    prefix=args.prefix, username=args.username, password=os.environ.get("MUSC_REPLAY_PASSWORD"))
+    try:
+        camera = Camera(args.host, args.port, args.protocol, client_id=f"musc-replay-{args.line}",
+                        prefix=args.prefix, username=args.username,
+                        password=os.environ.get("MUSC_REPLAY_PASSWORD"))
+    except (TimeoutError, OSError) as exc:
+        raise UserError(f"no MQTT broker answered at {args.host}:{args.port} ({exc}); start one "
+                        "(e.g. `mosquitto -p 1883`) or pass --host and --port") from None
     for _ in range(args.loops):
         sent = camera.replay(args.line, files, fps=args.fps, camera=args.camera)
         print(f"published {sent} frames to {args.prefix}/{args.line}/frames", file=sys.stderr)
@@ -193,7 +330,8 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musc-stream", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default=os.environ.get("MUSC_LOG__LEVEL", "INFO"))
+    parser.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=None,
+                        help="DEBUG, INFO, WARNING, ERROR; wins over MUSC_LOG__LEVEL / [log] level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="batch (or --stream) evaluation on MVTec or magnetic-tile folders")
@@ -211,7 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="replay a seeded stream through the service engine")
     p.add_argument("--frames", type=int, default=200, help="--stream: frames in the stream")
     p.add_argument("--anomaly-rate", type=float, default=0.1, help="--stream: share of defective frames")
-    p.add_argument("--windows", type=int, nargs="+", default=[8, 16, 32], help="--stream: window sizes")
+    p.add_argument("--window", type=int, default=None, help="--stream: window size (default: the engine's)")
+    p.add_argument("--modes", nargs="+", default=["window", "memory", "combined"],
+                   choices=("window", "memory", "combined"), help="--stream: scoring modes to compare")
+    p.add_argument("--setup", nargs="+", default=None,
+                   help="--stream: camera set-ups to evaluate (magnetic tiles: exp1 … exp6; default all)")
+    p.add_argument("--no-pixel", action="store_true", help="--stream: skip pixel metrics (faster)")
     _add_model_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -253,11 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    fmt = os.environ.get("MUSC_LOG__FORMAT", "text").lower()  # until settings are read: they may be wrong
+    _setup_logging(args.log_level or os.environ.get("MUSC_LOG__LEVEL", "INFO"), fmt if fmt == "json" else "text")
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"musc-stream: error: {exc}", file=sys.stderr)
+        if _LOG_FORMAT == "json":  # the journal gets JSON only, this line too
+            logger.error("musc-stream: error: %s", exc)
+        else:
+            print(f"musc-stream: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
