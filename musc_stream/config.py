@@ -279,23 +279,34 @@ class MemorySettings(_Section):
 
 
 class ThresholdSettings(_Section):
-    method: Literal["mad"] = Field("mad", description="mad: median + k_mad * 1.4826 * MAD of recent normal "
-                                   "scores (robust to the anomalies it is looking for).")
-    warmup_frames: int = Field(10, ge=1, description="Normal scores a line needs before its threshold is "
-                               "adaptive.")
-    k_mad: float = Field(4.0, gt=0, description="Robust standard deviations above the median that alert "
-                         "(4: the smallest k without false alarms in benchmarks/results/threshold_sweep.md "
-                         "and in the demo).")
-    history: int = Field(200, ge=2, description="Recent normal scores kept per line.")
+    method: Literal["pot", "mad", "quantile"] = Field("pot", description="How a line's threshold is estimated "
+                                   "from its recent normal scores: pot: generalised Pareto tail of the highest "
+                                   "scores (SPOT); mad: median + k * 1.4826 * MAD; quantile: empirical quantile "
+                                   "plus a margin (measured in benchmarks/results/threshold_methods.md).")
+    target_false_alarms_per_1000: float = Field(5.0, gt=0, lt=1000, description="False alarms a line may raise "
+                                                "per 1,000 normal frames: the threshold is the line's estimate "
+                                                "of that upper quantile of its normal scores.")
+    min_history: int = Field(10, ge=2, description="Normal scores of the current score regime a line needs "
+                             "before its threshold is adaptive (old name: warmup_frames).")
+    k_mad: float | None = Field(None, gt=0, description="method mad only: robust standard deviations above the "
+                                "median (null: derived from target_false_alarms_per_1000).")
+    history: int = Field(1000, ge=2, description="Recent normal scores kept per line.")
     default_threshold: float | None = Field(None, description="Threshold during warm-up. null: no alerts "
                                             "during warm-up.")
     overrides: dict[str, float] = Field(default_factory=dict, description="Fixed threshold per line id, "
                                         "instead of the adaptive one.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "warmup_frames" in data and "min_history" not in data:
+            data = {("min_history" if k == "warmup_frames" else k): v for k, v in data.items()}
+        return data
+
     @model_validator(mode="after")
     def _check_rules(self) -> ThresholdSettings:
-        if self.warmup_frames > self.history:
-            raise ValueError("threshold.warmup_frames must not exceed threshold.history")
+        if self.min_history > self.history:
+            raise ValueError("threshold.min_history must not exceed threshold.history")
         if any(not math.isfinite(v) for v in self.overrides.values()):
             raise ValueError("threshold.overrides must be finite numbers")
         return self
