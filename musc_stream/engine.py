@@ -3,17 +3,32 @@
 How a frame is scored (our streaming design; batch mode lives in model/batch.py):
 - The backbone runs once per micro-batch over frames of all lines. Each frame's tapped tokens go
   through LNAMD, giving one unit-norm feature set per (layer, r), exactly as batch MuSc.
-- Window score: for each set, the nearest-patch distance to every frame in the line's window, then
+- Window map: for each set, the nearest-patch distance to every frame in the line's window, then
   the interval average over the smallest 30 % (MSM with the window as "the other images").
-- Memory score: per set, the distance to the nearest patch in the line's FAISS memory of patches
-  from frames judged normal (a long memory that outlives the window).
-- ``score_mode`` picks window, memory or combined (mean of the two maps when the memory holds
-  patches). Image score = max of the patch map upsampled to S×S, as in batch MuSc. RsCIN needs the
-  whole batch, so streaming skips it. ``musc-stream eval --stream`` measures the choices.
-- Warm-up: a line holds its first frames until ``min_references`` exist, then scores them with
-  batch MuSc among themselves (``warmup: true``), so no score is ever NaN.
-- Changeover: a line resets on an explicit command, or when ``drift_patience`` consecutive frames
-  look unlike every frame in the window (image-feature cosine drift), and says so in the result.
+- Memory map: per set, the distance to the nearest patch in the line's memory of patches from
+  frames judged normal (a long memory that outlives the window, and the only channel that keeps
+  flagging a defect repeated frame after frame, which the window soon calls normal).
+- One scale: the memory map sits on its own scale (nearest neighbour of many frames' patches, fewer
+  sets), so before fusion it is mapped onto the window's scale by the ratio of the two maps' patch
+  medians on the same frame (the median patch is normal even on a defective frame). ``fusion``
+  then takes their mean or their maximum, patch by patch.
+- Image score (``image_score``): the max of the map upsampled to S×S as batch MuSc does ("max"),
+  the mean of its top 1 % pixels ("topk"), or the max after a 3×3 patch smoothing ("smooth"),
+  measured in benchmarks/results/stream_lines.md. Batch mode always keeps the reference (max).
+- Regimes: a line's scores are only comparable once its window is full, so every frame before that
+  is a warm-up decision (``warmup: true``, threshold null, no alert) and the threshold's history
+  starts with the first frame scored against a full window. The memory fills during warm-up from
+  warm-up frames that look normal among themselves, joins the score at the same moment the window
+  fills (one regime change, not two) and never leaves: age-out keeps the newest window's worth of
+  patches, so an idle line does not change its scale. Memory times are the service clock.
+- Warm-up batch: a line holds its first frames until ``min_references`` exist, then scores them with
+  batch MuSc among themselves, so no score is ever NaN.
+- Changeover: a frame whose image feature is unlike every frame of the window (cosine drift above
+  ``drift_threshold``) is suspicious. It is scored against the window frozen before the run and
+  kept out of window and memory. ``drift_patience`` suspicious frames in a row are a product
+  changeover: the line is reset (its persisted state deleted) and the suspicious frames seed the new
+  window. A normal frame in between ends the run and the suspects are forgotten. An explicit reset
+  command does the same without the wait.
 """
 
 from __future__ import annotations
@@ -21,8 +36,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import time
-from collections import deque
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -48,7 +64,11 @@ from musc_stream.threshold import AdaptiveThreshold
 logger = logging.getLogger(__name__)
 
 ScoreMode = Literal["window", "memory", "combined"]
+Fusion = Literal["mean", "max"]
+ImageScore = Literal["max", "topk", "smooth"]
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
+_TOPK_FRACTION = 0.01  # "topk" image score: mean of the top 1 % of pixels of the upsampled map
+_WARMUP_OUTLIER_K = 3.0  # warm-up frames above median + 3 robust σ of the warm-up stay out of memory
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,8 @@ class EngineConfig:
     r_list: tuple[int, ...] = (1, 3, 5)
     topmin_max: float = 0.3
     score_mode: ScoreMode = "combined"
+    fusion: Fusion = "mean"
+    image_score: ImageScore = "max"
     aligned: bool = False
     aligned_radius: int = 1
     drift_threshold: float | None = 0.25  # 1 − best cosine to the window; None disables detection
@@ -68,21 +90,26 @@ class EngineConfig:
     memory_r_list: tuple[int, ...] = (3,)  # LNAMD degrees whose sets enter the memory (cost ∝ sets)
     memory_max_patches: int = 20_000
     memory_patches_per_frame: int = 256
-    memory_max_age_s: float = 3600.0
+    memory_max_age_s: float | None = 3600.0
     memory_k: int = 1
     memory_use_gpu: bool | None = None
-    threshold_k_mad: float = 4.0
-    threshold_warmup: int = 10
-    threshold_history: int = 200
+    target_false_alarms_per_1000: float = 5.0
+    threshold_method: str = "pot"
+    threshold_min_history: int = 10
+    threshold_history: int = 1000
+    threshold_k_mad: float | None = None
     threshold_default: float | None = None
     threshold_overrides: dict[str, float] = field(default_factory=dict)
     distance_dtype: torch.dtype | None = None
+    keep_maps: bool = False  # put every frame's patch map on its decision (evaluation)
 
     def __post_init__(self) -> None:
         if not set(self.memory_r_list) <= set(self.r_list):
             raise ValueError(f"memory r_list {self.memory_r_list} must be a subset of r_list {self.r_list}")
         if self.min_references > self.window_size:
             raise ValueError("min_references must not exceed window_size")
+        if self.drift_patience < 1:
+            raise ValueError(f"drift_patience must be >= 1, got {self.drift_patience}")
 
     @classmethod
     def from_settings(cls, settings) -> "EngineConfig":
@@ -93,11 +120,16 @@ class EngineConfig:
         return cls(
             window_size=e.window_size, min_references=e.min_references,
             r_list=tuple(mo.r_list), topmin_max=mo.topmin_max, score_mode=e.score_mode,
+            fusion=getattr(e, "fusion", "mean"), image_score=getattr(e, "image_score", "max"),
             aligned=e.aligned, aligned_radius=e.aligned_radius, drift_threshold=e.drift_threshold,
+            drift_patience=getattr(e, "drift_patience", 3),
             memory_enabled=m.enabled, memory_r_list=tuple(m.r_list), memory_max_patches=m.max_patches_per_line,
             memory_patches_per_frame=m.patches_per_frame, memory_max_age_s=m.max_age_s,
-            memory_k=m.k, memory_use_gpu=use_gpu, threshold_k_mad=t.k_mad,
-            threshold_warmup=t.warmup_frames, threshold_history=t.history,
+            memory_k=m.k, memory_use_gpu=use_gpu,
+            target_false_alarms_per_1000=getattr(t, "target_false_alarms_per_1000", 5.0),
+            threshold_method=getattr(t, "method", "pot"),
+            threshold_min_history=getattr(t, "min_history", getattr(t, "warmup_frames", 10)),
+            threshold_history=t.history, threshold_k_mad=getattr(t, "k_mad", None),
             threshold_default=t.default_threshold, threshold_overrides=dict(t.overrides),
             distance_dtype=dtypes[str(mo.distance_dtype)],
         )
@@ -127,6 +159,10 @@ class _Window:
     def __len__(self) -> int:
         return self.count
 
+    @property
+    def full(self) -> bool:
+        return self.count == self.capacity
+
     def add(self, sets: dict[str, torch.Tensor], image_feature: torch.Tensor) -> None:
         if not self.buffers:
             self.buffers = {k: v.new_zeros((self.capacity, *v.shape)) for k, v in sets.items()}
@@ -147,22 +183,34 @@ class _Window:
 
 
 class LineState:
-    """Window, memory, threshold and warm-up queue of one production line."""
+    """Window, memory, threshold, warm-up queue and drift run of one production line."""
 
     def __init__(self, line: str, config: EngineConfig, memory_metadata: dict[str, str | int]):
         self.line = line
         self.config = config
         self.window = _Window(config.window_size)
-        self.pending: list[_Embedded] = []  # held during warm-up
+        self.pending: list[_Embedded] = []  # held until min_references frames exist
         self.memory: PatchMemory | None = None
         self._memory_metadata = memory_metadata
-        override = config.threshold_overrides.get(line)
         self.threshold = AdaptiveThreshold(
-            k_mad=config.threshold_k_mad, warmup_frames=config.threshold_warmup,
-            history=config.threshold_history, default=config.threshold_default, override=override,
+            target_false_alarms_per_1000=config.target_false_alarms_per_1000,
+            method=config.threshold_method, min_history=config.threshold_min_history,
+            history=config.threshold_history, default=config.threshold_default,
+            override=config.threshold_overrides.get(line), k_mad=config.threshold_k_mad,
         )
-        self.drift_run = 0
+        self.warmup_scores: list[float] = []  # window scores of this regime's warm-up frames
+        self.suspects: list[_Embedded] = []  # the current drift run, kept out of the window
         self.changeover_pending = False
+        self.changeovers = 0
+
+    @property
+    def drift_run(self) -> int:
+        return len(self.suspects)
+
+    @property
+    def steady(self) -> bool:
+        """Scores are comparable once the window is full (the threshold's regime)."""
+        return self.window.full
 
     def ensure_memory(self, sets: dict[str, np.ndarray]) -> PatchMemory:
         if self.memory is None:
@@ -179,14 +227,20 @@ class LineState:
     def memory_size(self) -> int:
         return len(self.memory) if self.memory is not None else 0
 
+    def memory_frames(self) -> float:
+        """Frames' worth of patches in the memory."""
+        return self.memory_size / max(1, self.config.memory_patches_per_frame)
+
     def reset(self) -> None:
         self.window = _Window(self.config.window_size)
         self.pending.clear()
+        self.suspects.clear()
+        self.warmup_scores.clear()
         if self.memory is not None:
             self.memory.clear()
         self.threshold.reset()
-        self.drift_run = 0
         self.changeover_pending = True
+        self.changeovers += 1
 
 
 class Engine:
@@ -198,6 +252,7 @@ class Engine:
         self.config = config
         self.clock = clock
         self.lines: dict[str, LineState] = {}
+        self.state_dir: Path | None = None  # where load_state read from; reset deletes a line there
         self._memory_metadata = {
             "backbone": backbone.spec.name, "weights": backbone.weights_label,
             "image_size": backbone.image_size, "layers": ",".join(map(str, backbone.layers)),
@@ -211,9 +266,10 @@ class Engine:
         return self.lines[line]
 
     def reset(self, line: str) -> None:
-        """Product changeover: forget the line's window, memory and threshold."""
+        """Product changeover: forget the line's window, memory and threshold, on disk too."""
         logger.info("line %s reset (changeover)", line)
         self.line(line).reset()
+        self._delete_persisted(line)
 
     # -- scoring ---------------------------------------------------------------------------
     def process(self, frames: list[Frame]) -> list[Decision]:
@@ -252,47 +308,64 @@ class Engine:
 
     def _score_one(self, item: _Embedded) -> list[Decision]:
         state = self.line(item.frame.line)
-        changeover = self._check_drift(state, item)
         if len(state.window) < self.config.min_references:
             state.pending.append(item)
             if len(state.window) + len(state.pending) < self.config.min_references:
                 return []  # keep holding until min_references frames can score each other
-            return self._score_warmup(state)
+            return self._score_pending(state)
+        drifting = self._drifts(state, item)
         start = time.perf_counter()
         window_map = self._window_map(state, item.sets)
-        memory_map = self._memory_map(state, item.sets) if self.config.score_mode != "window" else None
+        memory_map = self._memory_map(state, item.sets) if self._memory_scores() else None
         patch_map = self._combine(window_map, memory_map)
-        decision = self._decide(state, item, patch_map, window_map, memory_map, warmup=False,
+        steady = state.steady
+        decision = self._decide(state, item, patch_map, window_map, memory_map, steady=steady,
                                 scoring_s=time.perf_counter() - start)
-        decision.changeover = changeover
-        self._remember(state, item, decision)
+        decision.drift_suspected = drifting
+        if drifting:
+            state.suspects.append(item)
+            if state.drift_run >= self.config.drift_patience:
+                self._changeover(state)
+                decision.changeover = True
+            return [decision]
+        state.suspects.clear()  # a frame like the window ends any drift run
+        if state.changeover_pending:
+            decision.changeover = True
+            state.changeover_pending = False
+        self._remember(state, item, decision, window_score=float(window_map.max()), steady=steady)
         return [decision]
 
-    def _score_warmup(self, state: LineState) -> list[Decision]:
-        """Batch MuSc among the held frames (the window is empty during warm-up), then move them
-        into the window."""
+    def _score_pending(self, state: LineState) -> list[Decision]:
+        """Batch MuSc among the held frames and whatever the window holds (few frames, after a
+        start or a changeover), then move the held frames into the window."""
         start = time.perf_counter()
         held = state.pending
         state.pending = []
-        maps = [
-            mutual_scores(torch.stack([h.sets[key] for h in held]), self.config.topmin_max,
-                          distance_dtype=self.config.distance_dtype)  # (P, L)
-            for key in held[0].sets
-        ]
+        w = len(state.window)
+        maps = []
+        for key in held[0].sets:
+            stack = torch.stack([h.sets[key] for h in held])  # (P, L, C)
+            if w:
+                stack = torch.cat([state.window.references(key), stack])  # (W+P, L, C)
+            maps.append(mutual_scores(stack, self.config.topmin_max,
+                                      distance_dtype=self.config.distance_dtype)[w:])  # (P, L)
         patch_maps = torch.stack(maps).mean(0)  # (P, L)
         scoring_s = (time.perf_counter() - start) / len(held)
         decisions = []
-        changeover = state.changeover_pending
-        state.changeover_pending = False
         for i, item in enumerate(held):
-            decision = self._decide(state, item, patch_maps[i], patch_maps[i], None, warmup=True,
+            decision = self._decide(state, item, patch_maps[i], patch_maps[i], None, steady=False,
                                     scoring_s=scoring_s)
-            decision.changeover = changeover and i == 0
-            decision.window_size = len(held) - 1
+            decision.window_size = w + len(held) - 1
             decisions.append(decision)
-        for item, decision in zip(held, decisions):
-            self._remember(state, item, decision)
+        if state.changeover_pending:
+            decisions[0].changeover = True
+            state.changeover_pending = False
+        for item, decision, patch_map in zip(held, decisions, patch_maps):
+            self._remember(state, item, decision, window_score=float(patch_map.max()), steady=False)
         return decisions
+
+    def _memory_scores(self) -> bool:
+        return self.config.memory_enabled and self.config.score_mode != "window"
 
     def _window_map(self, state: LineState, sets: dict[str, torch.Tensor]) -> torch.Tensor:
         per_set = []
@@ -311,52 +384,68 @@ class Engine:
         return {k: v.detach().float().cpu().numpy() for k, v in sets.items() if k.endswith(keep)}
 
     def _memory_map(self, state: LineState, sets: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Nearest-patch distance to the line's memory, once the memory holds at least as many
-        frames as the window: a memory of one or two frames only adds noise to the score."""
-        if not self.config.memory_enabled or state.memory_size == 0:
+        """Nearest-patch distance to the line's memory once it holds min_references frames."""
+        if state.memory_frames() < self.config.min_references:
             return None
-        state.memory.expire(self.clock())
-        num_patches = next(iter(sets.values())).shape[0]
-        per_frame = min(num_patches, self.config.memory_patches_per_frame)
-        if len(state.memory) < len(state.window) * per_frame:
-            return None
-        arrays = self._memory_sets(sets)
-        score = state.memory.score(arrays, k=self.config.memory_k)
+        state.memory.expire(self.clock(), keep_newest=self._memory_floor())
+        score = state.memory.score(self._memory_sets(sets), k=self.config.memory_k)
         return torch.as_tensor(score, dtype=torch.float32, device=next(iter(sets.values())).device)
 
+    def _memory_floor(self) -> int:
+        """Patches age-out never removes: a window's worth, so the memory never leaves the score."""
+        return self.config.window_size * self.config.memory_patches_per_frame
+
     def _combine(self, window_map: torch.Tensor, memory_map: torch.Tensor | None) -> torch.Tensor:
+        """One scale: the memory map is rescaled by the ratio of the two maps' patch medians."""
         mode = self.config.score_mode
         if memory_map is None or mode == "window":
             return window_map
+        scale = window_map.median() / memory_map.median().clamp_min(1e-6)
+        memory_on_window_scale = memory_map * scale
         if mode == "memory":
-            return memory_map
-        return 0.5 * (window_map + memory_map)
+            return memory_on_window_scale
+        if self.config.fusion == "max":
+            return torch.maximum(window_map, memory_on_window_scale)
+        return 0.5 * (window_map + memory_on_window_scale)
 
-    def _check_drift(self, state: LineState, item: _Embedded) -> bool:
-        """Count consecutive frames unlike the whole window; reset the line after ``patience``."""
+    def _drifts(self, state: LineState, item: _Embedded) -> bool:
+        """Is this frame unlike every frame of the (frozen) window?"""
         limit = self.config.drift_threshold
-        if limit is None or len(state.window) < self.config.min_references:
+        if limit is None:
             return False
-        drift = 1.0 - state.window.best_similarity(item.image_feature)
-        state.drift_run = state.drift_run + 1 if drift > limit else 0
-        if state.drift_run < self.config.drift_patience:
-            return False
-        logger.warning("line %s: %d frames drifted (%.3f > %.3f), assuming product changeover",
-                       state.line, state.drift_run, drift, limit)
-        state.reset()
-        return True
+        return 1.0 - state.window.best_similarity(item.image_feature) > limit
 
-    def _decide(self, state, item, patch_map, window_map, memory_map, *, warmup, scoring_s) -> Decision:
+    def _changeover(self, state: LineState) -> None:
+        suspects = list(state.suspects)
+        logger.warning("line %s: %d frames in a row unlike the window, assuming product changeover",
+                       state.line, len(suspects))
+        state.reset()
+        self._delete_persisted(state.line)
+        for item in suspects:  # they are the new product: they seed the new window
+            state.window.add(item.sets, item.image_feature)
+        state.changeover_pending = False  # this decision carries the changeover flag
+
+    def _image_score(self, grid: torch.Tensor) -> float:
+        """Image score from a (1, h, w) patch map, by ``image_score`` (see module docstring)."""
+        s = self.backbone.image_size
+        how = self.config.image_score
+        if how == "smooth":
+            grid = F.avg_pool2d(grid[None], 3, stride=1, padding=1, count_include_pad=False)[0]
+        up = upsample_maps(grid, (s, s))
+        if how == "topk":
+            k = max(1, int(_TOPK_FRACTION * up.numel()))
+            return float(torch.topk(up.flatten(), k).values.mean())
+        return float(up.max())
+
+    def _decide(self, state, item, patch_map, window_map, memory_map, *, steady, scoring_s) -> Decision:
         frame = item.frame
         side = int(round(patch_map.numel() ** 0.5))
         grid = patch_map.reshape(1, side, side).double()
-        s = self.backbone.image_size
-        score = float(upsample_maps(grid, (s, s)).max())
+        score = self._image_score(grid)
         window_score = float(window_map.max()) if window_map is not None else None
         memory_score = float(memory_map.max()) if memory_map is not None else None
-        threshold = state.threshold.value
-        is_anomaly = state.threshold.decide(score)
-        state.threshold.update(score, is_anomaly)
+        threshold = state.threshold.value if steady or state.threshold.override is not None else None
+        is_anomaly = threshold is not None and score > threshold
         heatmap, regions = None, []
         if is_anomaly:
             h, w = frame.image.shape[:2]
@@ -364,7 +453,7 @@ class Engine:
             regions = find_regions(heatmap, threshold)
         return Decision(
             line=frame.line, frame_id=frame.frame_id, ts=frame.ts, score=score,
-            threshold=threshold, is_anomaly=is_anomaly, warmup=warmup or not state.threshold.is_warm,
+            threshold=threshold, is_anomaly=is_anomaly, warmup=threshold is None,
             window_score=window_score, memory_score=memory_score, regions=regions, heatmap=heatmap,
             image=frame.image if is_anomaly else None,
             window_size=len(state.window), memory_size=state.memory_size, camera=frame.camera,
@@ -373,16 +462,26 @@ class Engine:
                        "backbone": item.backbone_s, "scoring": scoring_s},
             model=f"{self.backbone.spec.name}@{self.backbone.image_size}",
             weights=self.backbone.weights_label, ack=frame.ack,
+            target_false_alarms_per_1000=self.config.target_false_alarms_per_1000,
+            patch_map=grid[0].float().cpu().numpy() if self.config.keep_maps else None,
         )
 
-    def _remember(self, state: LineState, item: _Embedded, decision: Decision) -> None:
-        """Every frame joins the window (MSM tolerates a few defects there); only frames judged
-        normal with a known threshold feed the long memory."""
+    def _remember(self, state: LineState, item: _Embedded, decision: Decision, *, window_score: float,
+                  steady: bool) -> None:
+        """Every non-drifting frame joins the window (MSM tolerates a few defects there). Frames
+        judged normal feed the threshold (steady regime only) and the memory; in warm-up, where
+        nothing is judged, frames far above the warm-up's own scores stay out of the memory."""
         state.window.add(item.sets, item.image_feature)
-        if (self.config.memory_enabled and self.config.score_mode != "window" and not decision.is_anomaly
-                and state.threshold.value is not None and not decision.warmup):
-            arrays = self._memory_sets(item.sets)
-            state.ensure_memory(arrays).add(arrays, decision.ts)
+        if steady and not decision.is_anomaly:
+            state.threshold.update(decision.score, False)
+        if not self._memory_scores() or decision.is_anomaly:
+            return
+        if decision.warmup:
+            state.warmup_scores.append(window_score)
+            if _is_warmup_outlier(state.warmup_scores):
+                return
+        arrays = self._memory_sets(item.sets)
+        state.ensure_memory(arrays).add(arrays, self.clock())  # service clock, never the camera's
 
     def _feature_dims(self) -> dict[str, int]:
         """Width of every feature set, from one forward pass of a blank image."""
@@ -394,40 +493,96 @@ class Engine:
     def save_state(self, directory: Path) -> None:
         """Write each line's memory and threshold so a restart does not forget."""
         directory.mkdir(parents=True, exist_ok=True)
+        self.state_dir = directory
         for name, state in self.lines.items():
-            line_dir = directory / _SAFE_NAME.sub("_", name)
+            line_dir = directory / state_dir_name(name)
             line_dir.mkdir(exist_ok=True)
             if state.memory is not None and len(state.memory):
                 state.memory.save(line_dir / "memory")
+            else:
+                shutil.rmtree(line_dir / "memory", ignore_errors=True)
             tmp = line_dir / "threshold.json.tmp"
             tmp.write_text(json.dumps({"line": name, "threshold": state.threshold.state_dict()}))
             tmp.replace(line_dir / "threshold.json")
         logger.info("saved state of %d line(s) to %s", len(self.lines), directory)
 
     def load_state(self, directory: Path) -> list[str]:
-        """Load what save_state wrote; a snapshot from another model is refused and skipped."""
+        """Load what save_state wrote. A snapshot from another model is refused and skipped; a
+        damaged one is set aside (renamed ``*.damaged-<time>``) with a warning and the line starts
+        fresh, so no snapshot can stop the service from starting."""
+        self.state_dir = directory
         loaded = []
         if not directory.is_dir():
             return loaded
-        for line_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
+        for line_dir in sorted(p for p in directory.iterdir() if p.is_dir() and ".damaged-" not in p.name):
             meta_file = line_dir / "threshold.json"
             if not meta_file.exists():
                 continue
-            saved = json.loads(meta_file.read_text())
-            state = self.line(saved["line"])
-            state.threshold.load_state_dict(saved["threshold"])  # settings from config, history from disk
-            if (line_dir / "memory").exists() and self.config.memory_enabled:
-                try:
-                    state.memory = PatchMemory.load(
-                        line_dir / "memory", self._memory_metadata, dims=self._feature_dims(),
-                        max_patches=self.config.memory_max_patches,
-                        patches_per_frame=self.config.memory_patches_per_frame,
-                        max_age_s=self.config.memory_max_age_s, use_gpu=self.config.memory_use_gpu,
-                    )
-                    state.memory.expire(self.clock())
-                except (MemoryMismatchError, ValueError, OSError) as exc:  # start fresh, say why
-                    logger.warning("line %s: memory snapshot not loaded: %s", saved["line"], exc)
-            state.changeover_pending = False
-            loaded.append(saved["line"])
+            try:
+                name = self._load_line(line_dir, meta_file)
+            except Exception as exc:  # noqa: BLE001 - any damage: set aside, start fresh, say so
+                aside = line_dir.with_name(f"{line_dir.name}.damaged-{int(time.time())}")
+                logger.warning("state of %s is damaged (%s: %s); moved to %s, the line starts fresh",
+                               line_dir.name, type(exc).__name__, exc, aside.name)
+                shutil.move(str(line_dir), str(aside))
+                continue
+            loaded.append(name)
         logger.info("loaded state of %d line(s) from %s", len(loaded), directory)
         return loaded
+
+    def _load_line(self, line_dir: Path, meta_file: Path) -> str:
+        saved = json.loads(meta_file.read_text())
+        name = saved["line"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"bad line name {name!r}")
+        threshold = AdaptiveThreshold(
+            target_false_alarms_per_1000=self.config.target_false_alarms_per_1000,
+            method=self.config.threshold_method, min_history=self.config.threshold_min_history,
+            history=self.config.threshold_history, default=self.config.threshold_default,
+            override=self.config.threshold_overrides.get(name), k_mad=self.config.threshold_k_mad,
+        )
+        threshold.load_state_dict(saved["threshold"])  # settings from config, history from disk
+        memory = None
+        if (line_dir / "memory").exists() and self.config.memory_enabled:
+            try:
+                memory = PatchMemory.load(
+                    line_dir / "memory", self._memory_metadata, dims=self._feature_dims(),
+                    max_patches=self.config.memory_max_patches,
+                    patches_per_frame=self.config.memory_patches_per_frame,
+                    max_age_s=self.config.memory_max_age_s, use_gpu=self.config.memory_use_gpu,
+                )
+                memory.expire(self.clock(), keep_newest=self._memory_floor())
+            except MemoryMismatchError as exc:  # another model's memory: start fresh, say why
+                logger.warning("line %s: memory snapshot not loaded: %s", name, exc)
+                memory = None
+        state = self.line(name)
+        state.threshold = threshold
+        state.memory = memory
+        state.changeover_pending = False
+        return name
+
+    def _delete_persisted(self, line: str) -> None:
+        """A reset line must not come back from disk at the next start."""
+        if self.state_dir is None:
+            return
+        for path in (self.state_dir / state_dir_name(line), self.state_dir / _SAFE_NAME.sub("_", line)):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                logger.info("line %s: deleted persisted state %s", line, path)
+
+
+def state_dir_name(line: str) -> str:
+    """Collision-free, bounded folder name of a line's state: a readable prefix plus a hash, so
+    ``a.b`` and ``a_b`` never share a folder and a long id never makes a too-long file name."""
+    digest = hashlib.sha256(line.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{_SAFE_NAME.sub('_', line)[:40]}-{digest}"
+
+
+def _is_warmup_outlier(scores: list[float]) -> bool:
+    """Is the last warm-up score far above the others (median + 3 robust σ)? Needs 4 scores."""
+    if len(scores) < 4:
+        return False
+    prior = np.asarray(scores[:-1])
+    median = float(np.median(prior))
+    sigma = 1.4826 * float(np.median(np.abs(prior - median))) + 1e-9
+    return scores[-1] > median + _WARMUP_OUTLIER_K * sigma

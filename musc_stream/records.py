@@ -60,6 +60,9 @@ class Decision:
     window_size: int = 0  # reference frames the score used
     memory_size: int = 0  # patches in the line's memory when scored
     changeover: bool = False  # the line was reset (command or drift) just before this frame
+    drift_suspected: bool = False  # unlike the line's window: part of a possible product change
+    target_false_alarms_per_1000: float | None = None  # the operating point the threshold aims at
+    patch_map: np.ndarray | None = None  # (h, w) patch scores, only when the engine keeps maps
     camera: str | None = None
     received_at: float = 0.0
     decided_at: float = 0.0

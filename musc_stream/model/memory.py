@@ -153,11 +153,19 @@ class PatchMemory:
         self._enforce_cap()
         return take
 
-    def expire(self, now: float) -> int:
-        """Drop patches older than now - max_age_s (seconds, the clock of add). Returns how many."""
+    def expire(self, now: float, keep_newest: int = 0) -> int:
+        """Drop patches older than now - max_age_s (seconds, the clock of add). Returns how many.
+
+        keep_newest: never drop the newest this many patches, however old: an idle line keeps a
+        memory to score its next frames against instead of losing it all at once (which would
+        change the score's scale when the line restarts)."""
         if self.max_age_s is None or len(self) == 0:
             return 0
-        return self._drop(self._timestamps < float(now) - self.max_age_s)
+        old = self._timestamps < float(now) - self.max_age_s
+        if keep_newest > 0:
+            newest = np.argsort(self._timestamps, kind="stable")[-int(keep_newest):]
+            old[newest] = False
+        return self._drop(old)
 
     def _enforce_cap(self) -> int:
         """Drop the oldest patches (smallest timestamp, then first added) beyond max_patches."""
