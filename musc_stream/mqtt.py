@@ -72,7 +72,6 @@ class ServiceClient(mqtt.Client):
         self.max_publish_bytes = max_publish_bytes
         self.broker_max_packet_size: int | None = None
         self._user_on_connect: Callable[..., Any] | None = None
-        mqtt.Client.on_connect.fset(self, self._connack_hook)
         # Backstop for callbacks set before the guards below could wrap them.
         self.suppress_exceptions = True
 
@@ -83,7 +82,8 @@ class ServiceClient(mqtt.Client):
 
     @property
     def on_connect(self) -> Callable[..., Any] | None:
-        return self._user_on_connect
+        # paho reads this property to call it: the hook notes the broker's limits, then calls ours.
+        return self._connack_hook
 
     @on_connect.setter
     def on_connect(self, func: Callable[..., Any] | None) -> None:

@@ -69,20 +69,26 @@ def heatmap_png(heatmap: np.ndarray, image: np.ndarray | None = None, vmin: floa
 
     Colours span [vmin, vmax]; the publisher uses the map's median (the frame's normal background
     turns blue) up to the larger of the map's max and the threshold (only what exceeds the
-    threshold reaches red).
+    threshold reaches red). The range comes from the full-size map; a scaled picture is resized
+    before colouring, so a 12 MP frame never costs a 12 MP colour image.
     """
     low = float(np.median(heatmap) if vmin is None else vmin)
     high = float(heatmap.max() if vmax is None else vmax)
     span = high - low if high > low else 1.0
-    rgb = colormaps["jet"](np.clip((heatmap - low) / span, 0.0, 1.0))[..., :3]
-    if image is not None and image.shape[:2] == heatmap.shape:
-        rgb = 0.5 * rgb + 0.5 * (image[..., :3] / 255.0)
-    picture = Image.fromarray((rgb * 255).astype(np.uint8))
+    blend = image is not None and image.shape[:2] == heatmap.shape
     if scale < 1.0:
-        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
-        picture = picture.resize(size, Image.Resampling.BILINEAR)
+        height, width = heatmap.shape[:2]
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        heatmap = np.asarray(Image.fromarray(heatmap.astype(np.float32), mode="F")
+                             .resize(size, Image.Resampling.BILINEAR))
+        if blend:
+            image = np.asarray(Image.fromarray(np.ascontiguousarray(image[..., :3]).astype(np.uint8))
+                               .resize(size, Image.Resampling.BILINEAR))
+    rgb = colormaps["jet"](np.clip((heatmap - low) / span, 0.0, 1.0))[..., :3]
+    if blend:
+        rgb = 0.5 * rgb + 0.5 * (image[..., :3] / 255.0)
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
