@@ -83,6 +83,7 @@ class TlsBroker:
     conf_file: Path
     log_file: Path
     service_user: str = "musc-stream"
+    second_worker_user: str = "musc-stream-w2"  # its ACL block copied from musc-stream, as README says
     consumer_user: str = "musc-consumer"
     camera_users: tuple[str, ...] = ("line1", "line2")
 
@@ -142,13 +143,17 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     d = tmp_path_factory.mktemp("mosquitto-tls")
     ca, cert, key = _make_pki(d)
     users = {"musc-stream": "svc-pass-1", "musc-consumer": "mes-pass-2", "line1": "cam-pass-3",
-             "line2": "cam-pass-4"}
+             "line2": "cam-pass-4", "musc-stream-w2": "svc-pass-5"}
     passwd = d / "passwd"
     passwd.touch(mode=0o600)
     for user, password in users.items():
         _run(["mosquitto_passwd", "-b", str(passwd), user, password], d)
     acl = d / "acl"
-    shutil.copyfile(MOSQUITTO_ACL, acl)
+    # One user per connection (use_username_as_clientid): a second worker gets a copy of the
+    # service's block under its own name, as deploy/mosquitto/README.md tells operators to do.
+    shipped = MOSQUITTO_ACL.read_text()
+    service_block = shipped[shipped.index("user musc-stream\n"):].split("\n\n", 1)[0]
+    acl.write_text(shipped + "\n" + service_block.replace("user musc-stream", "user musc-stream-w2", 1) + "\n")
     port = free_port()
     conf = d / "mosquitto.conf"
     conf.write_text(render_mosquitto_conf(MOSQUITTO_CONF.read_text(), port, ca, cert, key, passwd, acl))

@@ -7,12 +7,17 @@ import queue
 import socket
 import ssl
 import subprocess
+import threading
 import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from conftest import MOSQUITTO_CONF  # tests/deploy/conftest.py
 
 EVENT_TIMEOUT_S = 10.0  # bounds a wait for something that must happen; never a speed claim
 # After the broker has provably routed a message (another subscriber got it), how long a client that
@@ -225,7 +230,8 @@ def test_service_publishes_alerts_and_errors(connect, tls_broker, topic):
 
 
 def test_consumer_resets_a_line_for_every_worker(connect, tls_broker):
-    workers = [connect(tls_broker.service_user) for _ in range(2)]
+    # One user per worker: the broker makes the user name the client id (use_username_as_clientid).
+    workers = [connect(tls_broker.service_user), connect(tls_broker.second_worker_user)]
     for worker in workers:
         assert not worker.subscribe("line/+/reset")[0].is_failure
     command = _payload()
@@ -245,3 +251,136 @@ def test_service_status_birth_and_last_will(tls_broker, connect):
     service.paho.loop_stop()  # first, so paho does not reconnect
     service.paho.socket().close()  # a crash: no DISCONNECT, so the broker sends the will
     assert consumer.next_message().payload == b"offline"
+
+
+# -- sessions: bound to users, and deep enough for an outage --------------------------------------
+
+
+class Session:
+    """A paho client with a chosen client id and session handling, as the service and an attacker use."""
+
+    def __init__(self, broker, user: str, client_id: str, clean_start: bool) -> None:
+        self.paho = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self.paho.username_pw_set(user, broker.users[user])
+        self.paho.tls_set(ca_certs=str(broker.ca_file))
+        self.connacks: queue.Queue = queue.Queue()
+        self.disconnects: queue.Queue = queue.Queue()
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self.subacks: queue.Queue = queue.Queue()
+        self.paho.on_connect = lambda c, u, flags, rc, props: self.connacks.put((flags.session_present, rc))
+        self.paho.on_disconnect = lambda c, u, flags, rc, props: self.disconnects.put(rc)
+        self.paho.on_message = lambda c, u, msg: self.messages.put(msg)
+        self.paho.on_subscribe = lambda c, u, mid, rcs, props: self.subacks.put(rcs)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 600
+        self.paho.connect(broker.host, broker.port, keepalive=30, clean_start=clean_start, properties=props)
+        self.paho.loop_start()
+        self.session_present, rc = self.connacks.get(timeout=EVENT_TIMEOUT_S)
+        assert not rc.is_failure, rc
+
+    def close(self) -> None:
+        self.paho.disconnect()
+        self.paho.loop_stop()
+
+
+def _frames_for_offline_service(tls_broker, n: int) -> list[bytes]:
+    """The service subscribes with a persistent session and goes away; line1 then sends n frames."""
+    service = Session(tls_broker, tls_broker.service_user, "musc-stream-default", clean_start=True)
+    service.paho.subscribe("line/+/frames", qos=1)
+    service.subacks.get(timeout=EVENT_TIMEOUT_S)
+    service.close()
+    camera = Client(tls_broker, "line1")
+    camera.connect()
+    frames = [f"frame-{i:05d}".encode() for i in range(n)]
+    try:
+        for frame in frames:
+            assert not camera.publish("line/line1/frames", frame).is_failure
+    finally:
+        camera.close()
+    return frames
+
+
+def _drain(session: Session, n: int) -> list[bytes]:
+    got = []
+    while len(got) < n:
+        got.append(session.messages.get(timeout=EVENT_TIMEOUT_S).payload)
+    return got
+
+
+def test_camera_credentials_cannot_take_the_service_session(tls_broker):
+    """Issue 10: a camera's login with the service's predictable client id and a clean start used to
+    wipe the service's queued frames and kick it off. The broker now makes every client id the user
+    name, so the camera gets a session of its own."""
+    frames = _frames_for_offline_service(tls_broker, 10)
+    for client_id in ("musc-stream-default", tls_broker.service_user):  # the setting's default, the user
+        attacker = Session(tls_broker, "line2", client_id, clean_start=True)
+        attacker.close()
+    service = Session(tls_broker, tls_broker.service_user, "musc-stream-default", clean_start=False)
+    try:
+        assert service.session_present
+        assert _drain(service, 10) == frames  # none of the 10 queued frames was lost
+        # While the service is connected, a login with its client id does not kick it off.
+        attacker = Session(tls_broker, "line2", "musc-stream-default", clean_start=True)
+        sentinel = uuid.uuid4().bytes
+        camera = Client(tls_broker, "line1")
+        camera.connect()
+        assert not camera.publish("line/line1/frames", sentinel).is_failure
+        assert service.messages.get(timeout=EVENT_TIMEOUT_S).payload == sentinel
+        assert service.disconnects.empty() and service.paho.is_connected()
+        attacker.close()
+        camera.close()
+    finally:
+        service.close()
+    assert "as line2" in tls_broker.log()  # the broker logs the id it gave the camera
+
+
+def test_offline_service_keeps_more_than_a_thousand_frames(tls_broker):
+    """The shipped limits used to drop frames beyond 1,000 queued for a stopped service."""
+    frames = _frames_for_offline_service(tls_broker, 1500)
+    service = Session(tls_broker, tls_broker.service_user, "musc-stream-default", clean_start=False)
+    try:
+        assert service.session_present
+        assert _drain(service, 1500) == frames
+    finally:
+        service.close()
+
+
+def _conf_value(name: str) -> int:
+    values = [line.split()[1] for line in MOSQUITTO_CONF.read_text().splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, f"{MOSQUITTO_CONF} needs exactly one {name}"
+    return int(values[0])
+
+
+def test_queue_limits_cover_the_documented_outage():
+    """mosquitto.conf promises a 30-minute outage at 10 frames/s of frames up to 100 kB on average."""
+    frames = 30 * 60 * 10
+    assert _conf_value("max_queued_messages") >= frames
+    queued_bytes = _conf_value("max_queued_bytes")
+    assert queued_bytes >= frames * 100_000
+    assert queued_bytes < 2**31  # mosquitto 2.0.11 reads it as 32 bits: 4294967297 would mean 1 byte
+    assert "30-minute outage" in MOSQUITTO_CONF.read_text()
+
+
+def test_broker_tells_the_service_its_packet_limit(tls_broker):
+    """The service reads the CONNACK Maximum Packet Size and keeps every payload under it."""
+    from musc_stream.config import MqttSettings
+    from musc_stream.mqtt import connect_kwargs, create_client
+
+    settings = MqttSettings(host=tls_broker.host, port=tls_broker.port, instance="limit-check",
+                            username=tls_broker.service_user, password=tls_broker.users[tls_broker.service_user],
+                            tls={"ca_file": str(tls_broker.ca_file)})
+    client = create_client(settings)
+    connected = threading.Event()
+    client.on_connect = lambda *args: connected.set()
+    client.connect(**connect_kwargs(settings))
+    client.loop_start()
+    try:
+        assert connected.wait(EVENT_TIMEOUT_S)
+        assert client.broker_max_packet_size == _conf_value("max_packet_size")
+        topic = "line/line1/anomaly"
+        assert client.payload_limit(topic) == min(settings.max_publish_bytes,
+                                                  client.broker_max_packet_size - 2048 - len(topic))
+        assert client.payload_limit(topic) < _conf_value("max_packet_size")
+    finally:
+        client.loop_stop()
+        client.disconnect()
