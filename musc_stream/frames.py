@@ -75,12 +75,12 @@ def escape_text(value: Any, limit: int = SHOWN_CHARS) -> str:
     """
     try:
         if isinstance(value, str):
-            shown = repr(value[:limit])
+            shown = _cut(repr(value[:limit]), limit)
             if len(value) > limit:
                 shown += f"...(+{len(value) - limit} chars)"
             return shown
         if isinstance(value, (bytes, bytearray)):
-            shown = repr(bytes(value[:limit]))
+            shown = _cut(repr(bytes(value[:limit])), limit)
             return shown + (f"...(+{len(value) - limit} bytes)" if len(value) > limit else "")
         if isinstance(value, (bool, float)) or value is None:
             return repr(value)
@@ -90,6 +90,11 @@ def escape_text(value: Any, limit: int = SHOWN_CHARS) -> str:
         return f"<{type(value).__name__}>"
     except Exception:  # noqa: BLE001 - a repr that fails must not turn an error into a crash
         return f"<unprintable {type(value).__name__}>"
+
+
+def _cut(escaped: str, limit: int) -> str:
+    """Escapes make a character up to 10 long; keep the rendering itself within 4 * limit."""
+    return escaped if len(escaped) <= 4 * limit else escaped[:4 * limit] + "..."
 
 
 def is_valid_id(value: Any) -> bool:
