@@ -287,7 +287,7 @@ class MetricsBindError(OSError):
 class _QuietHandler(WSGIRequestHandler):
     """Scrape requests go to our logger at DEBUG instead of stderr; a slow client times out."""
 
-    timeout = REQUEST_TIMEOUT_S
+    timeout = None  # MetricsServer sets the socket's timeout (request_timeout_s) before the handler runs
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
         logger.debug("metrics %s " + format, self.address_string(), *args)
@@ -303,8 +303,9 @@ class MetricsServer:
     """
 
     def __init__(self, httpd: WSGIServer, workers: int = HTTP_WORKERS, max_connections: int = MAX_CONNECTIONS,
-                 idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
+                 idle_timeout_s: float = IDLE_TIMEOUT_S, request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
         self._httpd = httpd
+        self.request_timeout_s = request_timeout_s
         self.host, self.port = httpd.server_address[:2]
         self.max_connections = max_connections
         self.idle_timeout_s = idle_timeout_s
@@ -379,7 +380,7 @@ class MetricsServer:
 
     def _answer(self, conn: socket.socket, address: Any) -> None:
         try:
-            conn.settimeout(REQUEST_TIMEOUT_S)
+            conn.settimeout(self.request_timeout_s)
             self._httpd.finish_request(conn, address)
         except Exception as exc:  # noqa: BLE001 - a broken client costs its own request only
             logger.debug("metrics request from %s failed: %s", address, exc)
@@ -404,7 +405,9 @@ class MetricsServer:
         conn.close()
 
 
-def start_http_server(metrics: Metrics, host: str, port: int) -> tuple[MetricsServer, int]:
+def start_http_server(metrics: Metrics, host: str, port: int, *, workers: int = HTTP_WORKERS,
+                      max_connections: int = MAX_CONNECTIONS, idle_timeout_s: float = IDLE_TIMEOUT_S,
+                      request_timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[MetricsServer, int]:
     """Serve ``metrics.registry`` at http://host:port/metrics on a thread "metrics-http".
 
     ``port=0`` binds a free port; the returned port is the real one. Built from
@@ -413,7 +416,8 @@ def start_http_server(metrics: Metrics, host: str, port: int) -> tuple[MetricsSe
     Raises MetricsBindError, a one-line reason naming the setting to change, when it cannot listen.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    server_class = type("_MetricsHTTPServer", (WSGIServer,), {"address_family": family})
+    # A deep listen backlog: connections wait there for the selector thread instead of being refused.
+    server_class = type("_MetricsHTTPServer", (WSGIServer,), {"address_family": family, "request_queue_size": 256})
     app = prometheus_client.make_wsgi_app(metrics.registry)
     try:
         httpd = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
@@ -421,7 +425,8 @@ def start_http_server(metrics: Metrics, host: str, port: int) -> tuple[MetricsSe
         error = MetricsBindError(_bind_advice(host, port, exc))
         error.errno = exc.errno
         raise error from None
-    server = MetricsServer(httpd)
+    server = MetricsServer(httpd, workers=workers, max_connections=max_connections, idle_timeout_s=idle_timeout_s,
+                           request_timeout_s=request_timeout_s)
     logger.info("metrics on http://%s:%d/metrics", host, server.port)
     return server, server.port
 
