@@ -256,9 +256,9 @@ def _text(value: Any, line: str, frame_id: str | None, what: str, required: bool
     if value is None and not required:
         return None
     if not is_valid_id(value):
-        got = f"{len(value)} characters" if isinstance(value, str) and len(value) > MAX_ID_CHARS else "a value"
+        size = f"{len(value)} characters: " if isinstance(value, str) and len(value) > MAX_ID_CHARS else ""
         raise FrameError("bad_envelope", f"{what} must be 1-{MAX_ID_CHARS} printable characters (no control, "
-                         f"separator or format characters), got {got}: {escape_text(value)}", line, frame_id)
+                         f"separator or format characters), got {size}{escape_text(value)}", line, frame_id)
     return value
 
 
