@@ -72,8 +72,9 @@ class ServiceClient(mqtt.Client):
         self.max_publish_bytes = max_publish_bytes
         self.broker_max_packet_size: int | None = None
         self._user_on_connect: Callable[..., Any] | None = None
-        # Backstop for callbacks set before the guards below could wrap them.
+        # Backstop for callbacks the guards below do not wrap (message_callback_add); paho logs them.
         self.suppress_exceptions = True
+        self.enable_logger(logging.getLogger("paho.mqtt.client"))  # its INFO chatter is DEBUG in the CLI
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._GUARDED and value is not None:
