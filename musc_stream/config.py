@@ -236,6 +236,14 @@ class EngineSettings(_Section):
     drift_threshold: float | None = Field(0.25, gt=0, le=2, description="Cosine distance between a frame's "
                                           "image feature and the window mean that counts as a product "
                                           "changeover (line reset). null: never.")
+    drift_patience: int = Field(3, ge=1, description="Frames in a row unlike the window that make a product "
+                                "changeover: the line resets and those frames seed its new window. They are "
+                                "scored against the window frozen before the run and flagged drift_suspected.")
+    fusion: Literal["mean", "max"] = Field("mean", description="combined mode: how the window map and the "
+                                           "memory map (rescaled onto the window's scale) are fused per patch.")
+    image_score: Literal["max", "topk", "smooth"] = Field("max", description="Image score from the patch map: "
+                                                          "max (batch MuSc's), mean of the top 1 % pixels, or max "
+                                                          "after a 3x3 patch smoothing.")
     heatmap_sigma: float = Field(0.0, ge=0, description="Gaussian smoothing of heatmaps, pixels (0: none).")
     max_age_s: float = Field(30.0, ge=0, description="A frame that waited longer than this in the service "
                              "before scoring is dropped and audited as stale, seconds (0: never).")
