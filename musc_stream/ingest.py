@@ -1,7 +1,11 @@
 """Ingest: paho's network thread decodes and validates frames and hands them to a bounded queue.
 
-Nothing here waits on the GPU: a full queue drops the frame with a counter, a log line and an
-error message, and the frame is acknowledged (it was seen and refused, not lost in silence).
+Nothing here waits on the GPU: a full queue refuses the frame with a counter and a log line, and
+hands the refusal to the sink (``refusals``), which audits it, answers it on the error topic and
+only then acks it, so a refusal is as durable as a decision. Reset commands are validated like
+frame topics; retained ones are ignored (a retained reset would wipe the line at every
+reconnect). Every ack token carries the connection it came from: an ack for a message of an
+earlier connection is dropped (the broker redelivers the message, and the dedupe answers it).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 
 from musc_stream.config import FrameLimits
-from musc_stream.frames import FrameError, decode_frame
+from musc_stream.frames import FrameError, decode_frame, parse_line_id
 from musc_stream.mqtt import Topics
 from musc_stream.records import Frame, FrameFailure
 from musc_stream.sinks.metrics import Metrics
@@ -25,10 +29,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Ack:
-    """What acknowledging one MQTT message needs."""
+    """What acknowledging one MQTT message needs, and the connection it arrived on."""
 
     mid: int
     qos: int
+    connection: int = 0
 
 
 @dataclass
@@ -37,6 +42,7 @@ class ResetCommand:
 
     line: str
     ack: Ack | None = None
+    received_at: float = 0.0
 
 
 WorkItem = Frame | FrameFailure | ResetCommand
@@ -46,23 +52,34 @@ class Ingest:
     """paho on_message handler: topic routing, decoding, and the bounded hand-off queue."""
 
     def __init__(self, topics: Topics, limits: FrameLimits, metrics: Metrics, work: queue.Queue,
-                 ack: Callable[[Ack | None], None], on_refused: Callable[[FrameFailure], None]):
+                 refusals: queue.Queue, ack: Callable[[Ack | None], None],
+                 connection: Callable[[], int] = lambda: 0):
         self.topics = topics
         self.limits = limits
         self.metrics = metrics
         self.work = work
+        self.refusals = refusals  # FrameFailures the sink must audit before they are acked
         self._ack = ack
-        self._on_refused = on_refused  # publishes the error of a frame the queue could not take
+        self._connection = connection
 
     def on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        ack = Ack(message.mid, message.qos) if message.qos > 0 else None
+        # Whatever a payload holds, the worst it may get is an error record: never let an
+        # exception reach paho's network thread.
+        ack = Ack(message.mid, message.qos, self._connection()) if message.qos > 0 else None
+        try:
+            self._route(message, ack)
+        except Exception:  # noqa: BLE001 - last line of defence of the network thread
+            logger.exception("internal error handling a message on %s; answered as an error", ascii(message.topic))
+            self._refuse(FrameFailure("internal_error", "internal error reading this message; see service log",
+                                      None, None, time.time(), ack))
+
+    def _route(self, message: mqtt.MQTTMessage, ack: Ack | None) -> None:
         kind = self.topics.kind(message.topic)
         if kind == "reset":
-            line = message.topic.split("/")[-2]
-            self._enqueue(ResetCommand(line, ack), line)
+            self._reset(message, ack)
             return
         if kind != "frames":
-            logger.warning("ignoring message on unexpected topic %s", message.topic)
+            logger.warning("ignoring message on unexpected topic %s", ascii(message.topic))
             self._ack(ack)
             return
         now = time.time()
@@ -73,22 +90,50 @@ class Ingest:
         except FrameError as exc:
             failure = exc.to_failure(received_at=now, ack=ack)
             self.metrics.observe_received(exc.line)
-            logger.warning("frame refused on %s (id %s): %s", message.topic, exc.frame_id, exc)
+            logger.warning("frame refused on %s (id %s): %s", ascii(message.topic), ascii(exc.frame_id), exc)
             self._enqueue(failure, exc.line)
             return
         frame.ack = ack
+        frame.redelivered = bool(getattr(message, "dup", False))
         self.metrics.observe_received(frame.line)
         self._enqueue(frame, frame.line)
+
+    def _reset(self, message: mqtt.MQTTMessage, ack: Ack | None) -> None:
+        topic = message.topic
+        if message.retain:
+            logger.warning("ignoring retained reset command on %s: a reset must be sent live, not retained "
+                           "(clear it with an empty retained message)", ascii(topic))
+            self._ack(ack)
+            return
+        try:
+            line = parse_line_id(topic[: -len("/reset")] + "/frames", self.topics.prefix,
+                                 self.limits.line_id_pattern)
+        except FrameError as exc:
+            logger.warning("ignoring reset command on %s: %s", ascii(topic), exc.detail)
+            self._ack(ack)
+            return
+        self._enqueue(ResetCommand(line, ack, time.time()), line)
 
     def _enqueue(self, item: WorkItem, line: str | None) -> None:
         try:
             self.work.put_nowait(item)
         except queue.Full:
-            self.metrics.observe_drop(line, "queue_full")
+            if isinstance(item, ResetCommand):  # unacked: the broker redelivers it
+                logger.error("queue full (%d): reset of line %s not taken now; the broker redelivers it",
+                             self.work.maxsize, line)
+                return
             frame_id = getattr(item, "frame_id", None)
-            logger.error("queue full (%d): dropped %s of line %s (id %s)", self.work.maxsize,
-                         type(item).__name__, line, frame_id)
-            self._on_refused(FrameFailure(reason="queue_full", detail="service busy: ingest queue full",
-                                          line=line, frame_id=frame_id, received_at=time.time()))
-            self._ack(item.ack)
+            self.metrics.observe_drop(line, "queue_full")
+            logger.error("queue full (%d): refused %s of line %s (id %s)", self.work.maxsize,
+                         type(item).__name__, line, ascii(frame_id))
+            self._refuse(FrameFailure(reason="queue_full", detail="service busy: ingest queue full",
+                                      line=line, frame_id=frame_id, received_at=time.time(), ack=item.ack))
         self.metrics.set_queue_depth(self.work.qsize())
+
+    def _refuse(self, failure: FrameFailure) -> None:
+        try:
+            self.refusals.put_nowait(failure)
+        except queue.Full:  # only QoS 0 floods get here: QoS 1 refusals wait unacked, few at a time
+            logger.error("refusal queue full: refusal of %s (line %s) not audited", ascii(failure.frame_id),
+                         failure.line)
+            self._ack(failure.ack)

@@ -23,6 +23,7 @@ class Frame:
     payload_bytes: int = 0
     decode_s: float = 0.0
     ack: Any = None  # opaque token the ingest uses to acknowledge the MQTT message once durable
+    redelivered: bool = False  # MQTT DUP flag: the broker sent this message before (crash, reconnect)
 
 
 @dataclass(frozen=True)

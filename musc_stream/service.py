@@ -1,8 +1,14 @@
-"""The service: wiring, lifecycle, the GPU thread's loop, signals and systemd notify.
+"""The service: wiring, lifecycle, the engine thread's loop, signals and systemd notify.
 
 Threads: paho's network thread (decode, validate, enqueue), one engine thread (backbone, scoring,
-audit, publish, ack), the metrics HTTP thread. They meet in one bounded queue. A frame is acked
-only after its decision (or error) is in a closed Parquet file, so a crash redelivers it.
+audit, publish, ack), the metrics HTTP thread. They meet in one bounded queue (frames, resets)
+and one refusal queue (frames ingest refused, to be audited before their ack).
+
+Delivery (README "Guarantees"): a frame is acked only once its decision or failure is in a
+closed Parquet file, or, while the engine holds it for warm-up, once it is in the fsynced spool
+(spool.py), so held frames never fill the broker's in-flight quota. A (line, frame_id) is decided
+at most once: ids held, queued, or decided (rebuilt from the audit on start) are answered as
+``duplicate``. Acks of messages from an earlier connection are dropped.
 """
 
 from __future__ import annotations
@@ -10,17 +16,20 @@ from __future__ import annotations
 import logging
 import queue
 import signal
+import sys
 import threading
 import time
-from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import torch
 
-from musc_stream import __version__, systemd
+from musc_stream import systemd
 from musc_stream.config import Settings
+from musc_stream.dedupe import RecentIds, decided_in_audit, last_decisions
 from musc_stream.engine import Engine, EngineConfig
+from musc_stream.heartbeat import Heartbeat
 from musc_stream.ingest import Ack, Ingest, ResetCommand, WorkItem
 from musc_stream.model.backbone import Backbone, BackboneSpec, load_backbone
 from musc_stream.mqtt import Topics, connect_kwargs, create_client, offline_payload
@@ -28,13 +37,23 @@ from musc_stream.records import Decision, Frame, FrameFailure
 from musc_stream.sinks.audit import AuditLog
 from musc_stream.sinks.metrics import Metrics, start_http_server
 from musc_stream.sinks.mqtt import MqttPublisher
+from musc_stream.spool import FrameSpool
 
 logger = logging.getLogger(__name__)
 
-_RECENT_IDS = 20_000
+_RECENT_IDS = 100_000  # decided (line, frame_id) pairs remembered to answer duplicates
+_REFUSALS = 10_000  # refused frames waiting for their audit row
 # CONNACK reasons no retry can cure: client id invalid, bad user/password, not authorized, banned,
 # bad auth method (MQTT 5 codes; paho maps MQTT 3.1.1's 2, 4, 5 onto them).
-_PERMANENT_REFUSALS = {0x85, 0x86, 0x87, 0x8A, 0x8C}  # decided (line, frame_id) pairs remembered to drop redelivered duplicates
+_PERMANENT_REFUSALS = {0x85, 0x86, 0x87, 0x8A, 0x8C}
+# Failure reasons that are drops of a valid frame (counted as drops, not as frame errors).
+_DROPS = {"queue_full", "stale", "duplicate", "reset_in_warmup"}
+
+Key = tuple[str, str]
+
+
+class StartupError(RuntimeError):
+    """Start-up cannot go on (audit or state folder unusable); the message says what to fix."""
 
 
 def resolve_device(device: str) -> str:
@@ -51,6 +70,30 @@ def backbone_from_settings(settings: Settings) -> Backbone:
     return load_backbone(spec)
 
 
+@dataclass
+class _Held:
+    """A frame the engine holds for warm-up: its ack (None once spooled and acked) and spool file."""
+
+    frame: Frame
+    ack: Ack | None
+    spool: Path | None = None
+
+
+@dataclass
+class _Outcome:
+    """What one pass of the engine thread must make durable, publish and ack, in that order."""
+
+    decisions: list[tuple[Decision, Path | None]] = field(default_factory=list)
+    failures: list[tuple[FrameFailure, Path | None]] = field(default_factory=list)
+    to_spool: list[_Held] = field(default_factory=list)
+    acks: list[Ack | None] = field(default_factory=list)  # reset commands
+    republish: list[Decision] = field(default_factory=list)  # decided before a restart, redelivered
+
+
+def _key(item) -> Key:
+    return (item.line, item.frame_id)
+
+
 class Service:
     """One worker: subscribe, score, publish, audit, export metrics. start() → run() → stop()."""
 
@@ -59,21 +102,34 @@ class Service:
         self.metrics = metrics or Metrics()
         self.topics = Topics(settings.mqtt)
         self.work: queue.Queue[WorkItem] = queue.Queue(maxsize=settings.engine.queue_size)
+        self.refusals: queue.Queue[FrameFailure] = queue.Queue(maxsize=_REFUSALS)
         self.stop_event = threading.Event()
         self.subscribed = threading.Event()
         self.refused: str | None = None  # the broker's reason, when it refused us for good
+        self.fatal: str | None = None  # why the engine thread gave up (a broken model)
+        self.connect_error: str | None = None  # the last reason the broker could not be reached
+        self._connect_attempts = 0
         self._stopped = False
         self._backbone = backbone
-        self._recent: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._recent = RecentIds(_RECENT_IDS)
+        self._replayable: dict[Key, Decision] = {}  # newest decisions of the previous run
+        self._held: dict[Key, _Held] = {}
+        self._spooled_at_start: list = []
+        self._consecutive_failures = 0
+        self._connection = 0  # bumped on every connect and disconnect; acks carry it
+        self._ack_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._metrics_server = None
         self.metrics_port: int | None = None
         self.client: mqtt.Client | None = None
         self.engine: Engine | None = None
         self.audit: AuditLog | None = None
+        self.spool: FrameSpool | None = None
         self.publisher: MqttPublisher | None = None
         self.frames_done = 0
         self._rate_mark = (time.monotonic(), 0)
+        self._problem: str | None = None  # shown in systemd STATUS while it lasts
+        self._heartbeat = Heartbeat(settings.engine.behind_s, time.monotonic())
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, ready_timeout_s: float | None = None) -> None:
@@ -98,13 +154,33 @@ class Service:
             self.metrics.set_memory_patches(line, state.memory_size)
         self.metrics.set_info(model=f"{backbone.spec.name}@{backbone.image_size}", weights=backbone.weights_label)
         logger.info("model %s at %d px, weights: %s", backbone.spec.name, backbone.image_size, backbone.weights_label)
-        self.audit = AuditLog(Path(s.audit.dir), rotate_s=s.audit.rotate_s) if s.audit.enabled else None
+        self._open_durable_state()
         self._connect()
         self._wait_for_subscription(ready_timeout_s)
         self._thread = threading.Thread(target=self._loop, name="musc-engine", daemon=True)
         self._thread.start()
         systemd.ready()
         logger.info("service ready: %s on %s:%d", self.topics.subscribe_frames, s.mqtt.host, s.mqtt.port)
+
+    def _open_durable_state(self) -> None:
+        """Audit log, warm-up spool and the decided ids; a folder we cannot write stops start-up
+        with one line saying which and why."""
+        s = self.settings
+        try:
+            self.audit = AuditLog(Path(s.audit.dir), rotate_s=s.audit.rotate_s) if s.audit.enabled else None
+        except (OSError, RuntimeError) as exc:
+            raise StartupError(f"audit folder {s.audit.dir} unusable: {exc}") from None
+        try:
+            self.spool = FrameSpool(Path(s.state.dir) / "spool")
+            self._spooled_at_start = self.spool.load()
+        except OSError as exc:
+            raise StartupError(f"state folder {s.state.dir} unusable for the warm-up spool: {exc}") from None
+        if self.audit is not None:
+            self._recent = decided_in_audit(Path(s.audit.dir), _RECENT_IDS)
+            self._replayable = last_decisions(Path(s.audit.dir))
+        if self._spooled_at_start:
+            logger.info("%d frame(s) held in warm-up before the last stop are fed back first",
+                        len(self._spooled_at_start))
 
     def _wait_for_subscription(self, timeout_s: float | None) -> None:
         """Block until the frame subscription is live; a refusal that retrying cannot cure (bad
@@ -115,17 +191,21 @@ class Service:
             if self.refused is not None:
                 raise ConnectionRefusedError(f"broker {s.host}:{s.port} refused the service: {self.refused}")
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"no subscription to {s.host}:{s.port} within {timeout_s} s")
+                why = self.connect_error or "connected but the subscription was not confirmed"
+                raise TimeoutError(f"no subscription to broker {s.host}:{s.port} within {timeout_s:g} s "
+                                   f"({self._connect_attempts} attempt(s)): {why}")
 
     def run(self) -> int:
         """Block until SIGTERM/SIGINT (or stop_event), then stop cleanly. Returns the exit code:
-        non-zero when the engine thread died, so systemd's Restart=on-failure restarts us."""
+        non-zero when the engine thread gave up (broken model) or died, so systemd restarts us."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
         code = 0
         while not self.stop_event.wait(0.5):
             if self._thread is not None and not self._thread.is_alive():
-                logger.error("engine thread died; stopping so systemd restarts the service")
+                reason = self.fatal or "engine thread died unexpectedly (see the traceback above)"
+                logger.critical("stopping: %s", reason)
+                systemd.status(f"stopping: {reason}")
                 code = 1
                 break
         self.stop()
@@ -142,15 +222,18 @@ class Service:
         if self._thread is not None:
             self._thread.join(timeout=60)
         if self.audit is not None:
-            self.audit.close()
+            self._guard("audit_close", self.audit.close)
         if self.engine is not None and save_state:
-            self.engine.save_state(Path(self.settings.state.dir))
+            self._guard("snapshot", lambda: self.engine.save_state(Path(self.settings.state.dir)))
         if self.client is not None:
-            # Frames still queued or held for warm-up are not acked: the broker redelivers them.
+            # Frames still queued are not acked: the broker redelivers them. Held ones are spooled.
             info = self.client.publish(self.topics.status, offline_payload(self.settings.mqtt.instance),
                                        qos=1, retain=True)
             if self.client.is_connected():
-                info.wait_for_publish(5)
+                try:
+                    info.wait_for_publish(5)
+                except RuntimeError:  # the connection went away meanwhile
+                    pass
             self.client.disconnect()
             self.client.loop_stop()
         if self._metrics_server is not None:
@@ -168,25 +251,47 @@ class Service:
         s = self.settings.mqtt
         self.client = create_client(s)
         self.publisher = MqttPublisher(self.client, self.topics, s.instance, s.qos, s.heatmap_mode)
-        ingest = Ingest(self.topics, self.settings.frames, self.metrics, self.work,
-                        ack=self._ack, on_refused=self.publisher.publish_failure)
+        ingest = Ingest(self.topics, self.settings.frames, self.metrics, self.work, self.refusals,
+                        ack=self._ack, connection=lambda: self._connection)
         self.client.on_message = ingest.on_message
         self.client.on_connect = self._on_connect
+        self.client.on_connect_fail = self._on_connect_fail
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
+        self._connect_attempts = 1
         self.client.connect_async(**connect_kwargs(s))
         self.client.loop_start()
 
+    def _on_connect_fail(self, client, userdata) -> None:
+        """paho calls this inside its `except OSError`: the error is the reason to tell."""
+        s = self.settings.mqtt
+        exc = sys.exc_info()[1]
+        delay = min(s.reconnect_max_s, max(1.0, s.reconnect_min_s) * 2 ** max(0, self._connect_attempts - 1))
+        self.connect_error = f"cannot reach broker {s.host}:{s.port}: {exc or 'connection failed'}"
+        logger.error("%s (attempt %d; next try in about %.0f s)", self.connect_error, self._connect_attempts, delay)
+        systemd.status(f"waiting for broker: {self.connect_error}")
+        self._problem = self.connect_error
+        self._connect_attempts += 1
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        s = self.settings.mqtt
         if reason_code.is_failure:
-            logger.error("broker refused connection: %s", reason_code)
+            self.connect_error = f"broker {s.host}:{s.port} refused the connection: {reason_code}"
+            logger.error("%s (attempt %d)", self.connect_error, self._connect_attempts)
+            systemd.status(f"waiting for broker: {self.connect_error}")
+            self._problem = self.connect_error
+            self._connect_attempts += 1
             self.metrics.set_mqtt_connected(False)
             if reason_code.value in _PERMANENT_REFUSALS and not self.subscribed.is_set():
                 self.refused = str(reason_code)
             return
-        logger.info("connected to broker (session present: %s)", flags.session_present)
+        with self._ack_lock:
+            self._connection += 1
+        logger.info("connected to broker %s:%d (session present: %s)", s.host, s.port, flags.session_present)
+        self.connect_error = self._problem = None
+        self._connect_attempts = 1
         self.metrics.set_mqtt_connected(True)
-        qos = self.settings.mqtt.qos
+        qos = s.qos
         client.subscribe([(self.topics.subscribe_frames, qos), (self.topics.reset_filter, qos)])
         model = self.engine.backbone if self.engine else None
         self.publisher.publish_status(
@@ -196,143 +301,378 @@ class Service:
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if any(rc.is_failure for rc in reason_codes):
-            logger.error("subscription refused: %s", [str(rc) for rc in reason_codes])
+            self.connect_error = f"subscription refused: {[str(rc) for rc in reason_codes]}"
+            logger.error(self.connect_error)
             return
         self.subscribed.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self._ack_lock:
+            self._connection += 1
         self.metrics.set_mqtt_connected(False)
         if not self.stop_event.is_set():
-            logger.warning("disconnected from broker (%s); paho reconnects with backoff", reason_code)
+            s = self.settings.mqtt
+            self._problem = f"disconnected from broker {s.host}:{s.port} ({reason_code}); reconnecting"
+            logger.warning("%s with backoff up to %.0f s", self._problem, s.reconnect_max_s)
+            systemd.status(self._problem)
 
     def _ack(self, ack: Ack | None) -> None:
-        if ack is not None and self.client is not None:
+        """Ack one message, unless it arrived on an earlier connection: its packet id may now name
+        another message. The broker redelivers it and the dedupe answers the copy."""
+        if ack is None or self.client is None:
+            return
+        with self._ack_lock:
+            if ack.connection != self._connection:
+                self.metrics.observe_stale_ack()
+                logger.debug("ack of message %d from an earlier connection dropped", ack.mid)
+                return
             self.client.ack(ack.mid, ack.qos)
 
     # -- the engine thread -----------------------------------------------------------------------
     def _next_batch(self) -> list[WorkItem]:
-        try:
-            first = self.work.get(timeout=0.2)
-        except queue.Empty:
-            return []
-        items = [first]
-        deadline = time.monotonic() + self.settings.engine.max_batch_wait_s
-        while len(items) < self.settings.model.batch_size:
-            remaining = deadline - time.monotonic()
+        items: list[WorkItem] = []
+        while True:  # refusals first: each holds an unacked message until audited
             try:
-                items.append(self.work.get(timeout=max(0.0, remaining)) if remaining > 0 else self.work.get_nowait())
+                items.append(self.refusals.get_nowait())
             except queue.Empty:
                 break
+        try:
+            items.append(self.work.get(timeout=0.05 if items else 0.2))
+        except queue.Empty:
+            return items
+        frames = 1
+        deadline = time.monotonic() + self.settings.engine.max_batch_wait_s
+        while frames < self.settings.model.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self.work.get(timeout=remaining) if remaining > 0 else self.work.get_nowait()
+            except queue.Empty:
+                break
+            items.append(item)
+            if isinstance(item, ResetCommand):
+                break  # what follows a reset waits for the next batch (keeps arrival order simple)
+            frames += isinstance(item, Frame)
         self.metrics.set_queue_depth(self.work.qsize())
         return items
 
     def _loop(self) -> None:
         interval = systemd.watchdog_interval_s()
         last_ping = 0.0
-        last_snapshot = time.monotonic()
-        while not self.stop_event.is_set():
+        last_snapshot = last_beat = time.monotonic()
+        self._feed_spooled()
+        while not self.stop_event.is_set() and self.fatal is None:
             items = self._next_batch()
             if items:
                 self._handle(items)
             if self.audit is not None:
-                self.audit.maybe_rotate()
+                self._guard("audit_rotation", self.audit.maybe_rotate)
             now = time.monotonic()
             if now - last_snapshot >= self.settings.state.snapshot_interval_s:
                 last_snapshot = now
-                self._snapshot()
+                self._guard("snapshot", lambda: self.engine.save_state(Path(self.settings.state.dir)))
+            if now - last_beat >= self.settings.engine.heartbeat_s:
+                last_beat = now
+                self._guard("heartbeat", self._log_heartbeat)
             if now - last_ping >= (interval / 2 if interval else 5.0):
                 last_ping = now
-                systemd.watchdog()
-                systemd.status(self._status_line())
-                if torch.cuda.is_available():
-                    self.metrics.set_gpu_memory_bytes(torch.cuda.memory_allocated())
+                self._ping()
+        if self.fatal is not None:
+            logger.critical("engine stopped: %s", self.fatal)
+            systemd.status(f"stopping: {self.fatal}")
+
+    def _ping(self) -> None:
+        systemd.watchdog()
+        systemd.status(self._problem or self._status_line())
+        if torch.cuda.is_available():
+            self._guard("gpu_metrics", lambda: self.metrics.set_gpu_memory_bytes(torch.cuda.memory_allocated()))
+
+    def _feed_spooled(self) -> None:
+        """Frames held in warm-up before the last stop go to the engine before any new frame;
+        those already decided (the crash came between audit and spool delete) are dropped."""
+        pending = self._spooled_at_start
+        self._spooled_at_start = []
+        fresh = []
+        for spooled in pending:
+            if _key(spooled.frame) in self._recent:
+                self.spool.delete(spooled.path)
+            else:
+                fresh.append(spooled)
+        size = self.settings.model.batch_size
+        for start in range(0, len(fresh), size):
+            chunk = fresh[start:start + size]
+            out = _Outcome()
+            self._score([s.frame for s in chunk], out, spool_paths={_key(s.frame): s.path for s in chunk})
+            self._finish(out)
 
     def _handle(self, items: list[WorkItem]) -> None:
-        frames: list[Frame] = []
-        failures: list[FrameFailure] = []
-        resets: list[ResetCommand] = []
+        """One pass: dedupe and age-check frames, score them in arrival order (a reset splits the
+        pass, so it never overtakes the frames before it), then audit → publish → ack."""
+        out = _Outcome()
+        segment: list[Frame] = []
+        seen: set[Key] = set()
+        now = time.time()
+        max_age = self.settings.engine.max_age_s
         for item in items:
-            if isinstance(item, Frame):
-                if (item.line, item.frame_id) in self._recent:
-                    self.metrics.observe_drop(item.line, "duplicate")
-                    logger.info("frame %s of line %s already decided; acked again", item.frame_id, item.line)
-                    self._ack(item.ack)
-                else:
-                    frames.append(item)
-            elif isinstance(item, FrameFailure):
-                failures.append(item)
+            if isinstance(item, FrameFailure):
+                out.failures.append((item, None))
+            elif isinstance(item, ResetCommand):
+                self._score(segment, out)
+                segment, seen = [], set()
+                self._apply_reset(item, out)
+            elif (why := self._duplicate(item, seen)) is not None:
+                out.failures.append((FrameFailure("duplicate", why, item.line, item.frame_id, item.received_at,
+                                                  item.ack), None))
+                again = self._replayable.pop(_key(item), None) if item.redelivered else None
+                if again is not None:
+                    out.republish.append(again)
+            elif max_age and now - item.received_at > max_age:
+                age = now - item.received_at
+                out.failures.append((FrameFailure(
+                    "stale", f"waited {age:.1f} s in the service, over engine.max_age_s={max_age:g}; not scored "
+                    "(the service gets more frames than it can score)", item.line, item.frame_id,
+                    item.received_at, item.ack), None))
             else:
-                resets.append(item)
-        for command in resets:  # counted as a changeover on the line's next decision
+                seen.add(_key(item))
+                segment.append(item)
+        self._score(segment, out)
+        self._finish(out)
+
+    def _duplicate(self, frame: Frame, seen: set[Key]) -> str | None:
+        key = _key(frame)
+        if key in seen:
+            where = "twice in one batch"
+        elif key in self._held:
+            where = "already received and held for warm-up"
+        elif key in self._replayable and frame.redelivered:
+            where = "decided before the last restart (a redelivery); its result is published again"
+        elif key in self._recent:
+            where = "already decided"
+        else:
+            return None
+        logger.warning("duplicate frame id %s on line %s (%s): answered as duplicate", ascii(frame.frame_id),
+                       frame.line, where)
+        return (f"frame id {where} on this line: not scored again. A redelivery needs nothing; a camera "
+                "whose counter restarted must send new frame ids")
+
+    def _score(self, frames: list[Frame], out: _Outcome, spool_paths: dict[Key, Path] | None = None) -> None:
+        """Run the engine on ``frames``; sort what comes back into decisions (with the ack of the
+        frame, held or new) and frames now held."""
+        if not frames:
+            return
+        spool_paths = spool_paths or {}
+        new = {_key(f): f for f in frames}
+        self.metrics.observe_batch(len(frames))
+        try:
+            decisions = self.engine.process(frames)
+        except Exception as exc:  # noqa: BLE001 - a batch that cannot be scored must not kill the service
+            self._scoring_failed(frames, exc, out, spool_paths)
+            return
+        self._consecutive_failures = 0
+        for d in decisions:
+            key = _key(d)
+            if key in new:
+                frame = new.pop(key)
+                d.ack, path = frame.ack, spool_paths.get(key)
+            elif key in self._held:
+                held = self._held.pop(key)
+                d.ack, path = held.ack, held.spool
+            else:  # answered already (a failed batch took it); never decide a frame twice
+                logger.warning("engine released frame %s of line %s that was already answered; decision dropped",
+                               ascii(d.frame_id), d.line)
+                continue
+            out.decisions.append((d, path))
+        for key, frame in new.items():  # the engine holds these until the line has references
+            held = _Held(frame, frame.ack, spool_paths.get(key))
+            self._held[key] = held
+            if held.spool is None:
+                out.to_spool.append(held)
+        self._reconcile({f.line for f in frames}, out, "dropped_by_engine",
+                        "the engine dropped this frame while it was held for warm-up")
+
+    def _scoring_failed(self, frames: list[Frame], exc: Exception, out: _Outcome,
+                        spool_paths: dict[Key, Path]) -> None:
+        """Every frame of the batch, and every frame held for its lines (the engine may have just
+        released them), gets a failure; after too many failed batches in a row the model is broken."""
+        self._consecutive_failures += 1
+        logger.error("scoring failed for %d frame(s) (%d in a row): %r", len(frames), self._consecutive_failures,
+                     exc, exc_info=exc)
+        detail = "internal error while scoring; see service log"
+        for f in frames:
+            out.failures.append((FrameFailure("scoring_failed", detail, f.line, f.frame_id, f.received_at, f.ack),
+                                 spool_paths.get(_key(f))))
+        self._reconcile({f.line for f in frames}, out, "scoring_failed", detail)
+        limit = self.settings.engine.max_scoring_failures
+        if self._consecutive_failures >= limit:
+            self.fatal = (f"model broken: {limit} batches in a row failed to score, last error: "
+                          f"{type(exc).__name__}: {exc}")
+
+    def _reconcile(self, lines: set[str], out: _Outcome, reason: str, detail: str) -> None:
+        """Held frames of ``lines`` the engine no longer holds (it released them into a batch that
+        failed, or dropped them) get a failure now, so no acked frame goes unanswered. Reads the
+        engine's per-line ``pending``; without it, every held frame of those lines is answered."""
+        still: set[int] = set()
+        known = True
+        for line in lines:
+            state = self.engine.lines.get(line)
+            pending = getattr(state, "pending", None) if state is not None else []
+            if pending is None:
+                known = False
+                continue
+            still.update(id(getattr(item, "frame", item)) for item in pending)
+        for key in [k for k in self._held if k[0] in lines]:
+            held = self._held[key]
+            if known and id(held.frame) in still:
+                continue
+            del self._held[key]
+            logger.warning("frame %s of line %s was held for warm-up and is answered as %s",
+                           ascii(held.frame.frame_id), held.frame.line, reason)
+            out.failures.append((FrameFailure(reason, detail, held.frame.line, held.frame.frame_id,
+                                              held.frame.received_at, held.ack), held.spool))
+        self.metrics.set_frames_held(len(self._held))
+
+    def _apply_reset(self, command: ResetCommand, out: _Outcome) -> None:
+        """Changeover: frames held for the line's warm-up belong to the old product and cannot be
+        scored without references; each is answered (``reset_in_warmup``) before the reset."""
+        for key in [k for k in self._held if k[0] == command.line]:
+            held = self._held.pop(key)
+            out.failures.append((FrameFailure(
+                "reset_in_warmup", "the line was reset before this frame had enough references to be scored",
+                held.frame.line, held.frame.frame_id, held.frame.received_at, held.ack), held.spool))
+        self.metrics.set_frames_held(len(self._held))
+        try:
             self.engine.reset(command.line)
-        decisions: list[Decision] = []
-        if frames:
-            self.metrics.observe_batch(len(frames))
+            self.metrics.set_window_fill(command.line, 0)
+        except Exception:  # noqa: BLE001
+            logger.exception("reset of line %s failed", command.line)
+            self.metrics.observe_housekeeping_error("reset")
+        out.acks.append(command.ack)
+
+    def _finish(self, out: _Outcome) -> None:
+        """Spool (then ack) newly held frames; audit, publish, ack the rest; forget spool files."""
+        for held in out.to_spool:
+            if self._held.get(_key(held.frame)) is not held:
+                continue  # answered already in this pass (a reset or failed batch came after it)
             try:
-                decisions = self.engine.process(frames)
-            except Exception:  # a batch that cannot be scored must not kill the service
-                logger.exception("scoring failed for %d frame(s)", len(frames))
-                failures += [FrameFailure("scoring_failed", "internal error while scoring; see service log",
-                                          f.line, f.frame_id, f.received_at, f.ack) for f in frames]
-        self._make_durable(decisions, failures)
+                held.spool = self.spool.write(held.frame)
+            except Exception as exc:  # noqa: BLE001 - stays unacked instead: no loss, only quota
+                logger.error("could not spool held frame %s of line %s (%s); it stays unacked until decided",
+                             ascii(held.frame.frame_id), held.frame.line, exc)
+                self.metrics.observe_housekeeping_error("spool")
+                continue
+            self._ack(held.ack)
+            held.ack = None
+        if not (out.decisions or out.failures or out.acks):
+            return
+        if not self._make_durable(out):
+            return  # stopping with the audit failing: nothing acked, the broker redelivers
         started = time.perf_counter()
-        for d in decisions:
-            self.publisher.publish_decision(d, d.image)
-        for f in failures:
-            self.publisher.publish_failure(f)
+        for d, _ in out.decisions:
+            self._guard("publish", lambda d=d: self.publisher.publish_decision(d, d.image))
+        for f, _ in out.failures:
+            self._guard("publish", lambda f=f: self.publisher.publish_failure(f))
+        for d in out.republish:  # its first result may have died with the previous process
+            self._guard("publish", lambda d=d: self.publisher.publish_decision(d, None))
         publish_s = time.perf_counter() - started
-        for d in decisions:
-            d.latency_s["publish"] = publish_s / max(1, len(decisions))
+        for d, path in out.decisions:
+            d.latency_s["publish"] = publish_s / max(1, len(out.decisions))
             d.heatmap = d.image = None  # free the arrays early
             self._ack(d.ack)
-            self._remember(d.line, d.frame_id)
-            self.metrics.observe_decision(d)
-            state = self.engine.lines[d.line]
+            self._recent.add(_key(d))
+            if path is not None:
+                self.spool.delete(path)
+            self._guard("metrics", lambda d=d: self._observe(d))
+        for f, path in out.failures:
+            self._ack(f.ack)
+            if path is not None:
+                self.spool.delete(path)
+            if f.reason in _DROPS:
+                if f.reason != "queue_full":  # counted by ingest when it refused the frame
+                    self.metrics.observe_drop(f.line, f.reason)
+                self._heartbeat.dropped(f.line)
+            else:
+                self.metrics.observe_failure(f)
+        for ack in out.acks:
+            self._ack(ack)
+        self.frames_done += len(out.decisions)
+
+    def _observe(self, d: Decision) -> None:
+        self.metrics.observe_decision(d)
+        self._heartbeat.decided(d.line, d.end_to_end_s)
+        state = self.engine.lines.get(d.line)
+        if state is not None:
             self.metrics.set_window_fill(d.line, len(state.window))
             self.metrics.set_memory_patches(d.line, state.memory_size)
             if state.threshold.value is not None:
                 self.metrics.set_threshold(d.line, state.threshold.value)
-        for f in failures:
-            self._ack(f.ack)
-            self.metrics.observe_failure(f)
-        for command in resets:
-            self._ack(command.ack)
-        self.frames_done += len(decisions)
 
-    def _snapshot(self) -> None:
-        """Periodic state save from the engine thread (the only thread touching the engine)."""
-        try:
-            self.engine.save_state(Path(self.settings.state.dir))
-        except OSError:
-            logger.exception("state snapshot failed; will retry")
-
-    def _make_durable(self, decisions: list[Decision], failures: list[FrameFailure]) -> None:
-        """Audit rows on disk before any ack; retried until it succeeds or the service stops."""
-        if self.audit is None or not (decisions or failures):
-            return
+    def _make_durable(self, out: _Outcome) -> bool:
+        """Audit rows on disk before any ack; retried (saying why, keeping the watchdog fed) until
+        it succeeds. False only when the service stops first: then nothing may be acked."""
+        if self.audit is None:
+            return True
         started = time.perf_counter()
-        for d in decisions:
-            self.audit.write_decision(d)
-        for f in failures:
-            self.audit.write_failure(f)
+        for d, _ in out.decisions:
+            self._write_row(self.audit.write_decision, d)
+        for f, _ in out.failures:
+            self._write_row(self.audit.write_failure, f)
+        failing_since = None
         while True:
             try:
                 self.audit.flush()
                 break
-            except OSError:
-                logger.exception("audit flush failed; retrying in 1 s (frames stay unacked)")
+            except Exception as exc:  # noqa: BLE001 - disk full, read-only, I/O error: wait, never lose
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                self.metrics.observe_housekeeping_error("audit_flush")
+                self._problem = f"audit write failing ({type(exc).__name__}: {exc}); frames stay unacked"
+                logger.error("%s; retrying in 1 s", self._problem)
+                systemd.watchdog()  # alive and saying so: a restart would not fix the disk
+                systemd.status(self._problem)
                 if self.stop_event.wait(1.0):
-                    raise
+                    return False
+        if failing_since is not None:
+            logger.warning("audit writes work again after %.0f s", time.monotonic() - failing_since)
+            self._problem = None
         self.metrics.observe_stage("audit", time.perf_counter() - started)
+        return True
 
-    def _remember(self, line: str, frame_id: str) -> None:
-        self._recent[(line, frame_id)] = None
-        if len(self._recent) > _RECENT_IDS:
-            self._recent.popitem(last=False)
+    def _write_row(self, write, record) -> None:
+        """One audit row; a row the schema refuses (e.g. an id that is not valid UTF-8) becomes a
+        failure row with the id escaped, so one odd payload cannot stop every later flush."""
+        try:
+            write(record)
+        except (TypeError, ValueError) as exc:
+            logger.error("audit refused the row of frame %s (%s); writing it with the id escaped",
+                         ascii(record.frame_id), exc)
+            safe = FrameFailure("unauditable", f"row refused by the audit schema: {exc}",
+                                ascii(record.line) if record.line else None,
+                                ascii(record.frame_id) if record.frame_id else None, record.received_at)
+            try:
+                self.audit.write_failure(safe)
+            except (TypeError, ValueError):
+                logger.error("audit refused the escaped row too; frame %s has no audit row", ascii(record.frame_id))
+                self.metrics.observe_housekeeping_error("audit_row")
+
+    def _guard(self, task: str, fn) -> None:
+        """Housekeeping (snapshot, rotation, publish, metrics, close): any error is logged, counted
+        in musc_housekeeping_errors_total{task} and survived."""
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            self.metrics.observe_housekeeping_error(task)
+            logger.error("%s failed (%s: %s); carrying on", task, type(exc).__name__, exc,
+                         exc_info=logger.isEnabledFor(logging.DEBUG))
+
+    def _log_heartbeat(self) -> None:
+        info, behind = self._heartbeat.report(time.monotonic(), self.work.qsize(), len(self._held))
+        logger.info(info)
+        for line in behind:
+            logger.warning(line)
 
     def _status_line(self) -> str:
         now = time.monotonic()
         since, count = self._rate_mark
         rate = (self.frames_done - count) / max(1e-9, now - since)
         self._rate_mark = (now, self.frames_done)
-        return f"{rate:.1f} frames/s, {self.frames_done} scored, queue {self.work.qsize()}, {len(self.engine.lines)} lines"
+        return (f"{rate:.1f} frames/s, {self.frames_done} scored, queue {self.work.qsize()}, "
+                f"held {len(self._held)}, {len(self.engine.lines)} lines")

@@ -15,6 +15,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
 
+from musc_stream.broker import LocalBroker
 from musc_stream.config import Settings, load_settings
 
 
@@ -121,3 +122,72 @@ def sample_value(text: str, name: str, **labels: str) -> float | None:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return None
+
+
+class StockBroker(LocalBroker):
+    """Mosquitto with its DEFAULT limits (max_inflight_messages 20, max_queued_messages 1000):
+    what a plant runs. LocalBroker relaxes both, which hid the warm-up deadlock."""
+
+    def config_text(self) -> str:
+        relaxed = ("max_queued_messages", "max_inflight_messages")
+        return "".join(line + "\n" for line in super().config_text().splitlines() if not line.startswith(relaxed))
+
+
+def tiny_settings(tmp_path: Path, port: int, protocol: str = "5", **areas: dict) -> Settings:
+    """Service settings with the random tiny backbone (weights do not matter for delivery)."""
+    base = {
+        "mqtt": {"protocol": protocol},
+        "model": {"name": "random-vit-tiny", "pretrained": None, "image_size": 112, "batch_size": 8},
+        "engine": {"window_size": 6, "min_references": 5, "drift_threshold": None},
+        "threshold": {"warmup_frames": 3},
+    }
+    for area, values in areas.items():
+        base.setdefault(area, {}).update(values)
+    return service_settings(tmp_path, port, **base)
+
+
+class AckedCamera:
+    """A camera (MQTT 5 user properties or the 3.1.1 JSON envelope) that records which frame ids
+    the broker acknowledged: the frames the service owes an answer."""
+
+    def __init__(self, port: int, protocol: str = "5", client_id: str = "acked-camera"):
+        from musc_stream.replay import Camera
+
+        self.camera = Camera("127.0.0.1", port, protocol, client_id=client_id)
+        self._ids: dict[int, str] = {}
+        self.acked: set[str] = set()
+        self.published: list[str] = []
+        self._lock = threading.Lock()
+        inner = self.camera.client.on_publish
+
+        def on_publish(client, userdata, mid, reason_code, properties):
+            inner(client, userdata, mid, reason_code, properties)
+            with self._lock:
+                frame_id = self._ids.pop(mid, None)
+                if frame_id is None:
+                    self._ids[mid] = ""  # PUBACK before publish() returned; resolved below
+                else:
+                    self.acked.add(frame_id)
+
+        self.camera.client.on_publish = on_publish
+
+    def publish(self, line: str, payload: bytes, frame_id: str) -> None:
+        info = self.camera.publish(line, payload, frame_id=frame_id)
+        with self._lock:
+            self.published.append(f"{line}/{frame_id}")
+            if self._ids.pop(info.mid, None) == "":
+                self.acked.add(f"{line}/{frame_id}")
+            else:
+                self._ids[info.mid] = f"{line}/{frame_id}"
+
+    def close(self) -> None:
+        self.camera.close()
+
+
+def audit_rows(directory: Path) -> list[dict]:
+    """Every row of a real Parquet audit, read back with pyarrow (empty when none yet)."""
+    import pyarrow.dataset as ds
+
+    if not any(Path(directory).rglob("*.parquet")):
+        return []
+    return ds.dataset(directory, format="parquet", partitioning="hive").to_table().to_pylist()
