@@ -408,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:  # a bug: through logging, so JSON logs stay one object per line
+        logger.critical("musc-stream %s stopped by an unexpected error", args.command, exc_info=True)
+        return 1
 
 
 if __name__ == "__main__":
