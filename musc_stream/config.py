@@ -646,10 +646,13 @@ def _problem(error: Mapping[str, Any], inputs: _LoadInputs | None, toml_path: Pa
         choices = sorted(model.model_fields) if model is not None else []
         guess = difflib.get_close_matches(str(loc[-1]), choices, n=1, cutoff=0.6) if loc else []
         prefix = ".".join(str(part) for part in loc[:-1])
+        if not prefix:  # a whole area, e.g. a TOML table [mqt]
+            hint = f"did you mean [{guess[0]}]?" if guess else f"areas are {', '.join(choices)}"
+            return f"[{setting}]: unknown settings area; {hint}{where}"
         if guess:
-            hint = f"did you mean {prefix + '.' if prefix else ''}{guess[0]}?"
+            hint = f"did you mean {prefix}.{guess[0]}?"
         else:
-            hint = f"`musc-stream config` lists every setting; {prefix or 'the areas'}: {', '.join(choices)}"
+            hint = f"`musc-stream config` lists every setting; {prefix}: {', '.join(choices)}"
         return f"{setting}: unknown setting; {hint}{where}"
     message = str(error.get("msg", "invalid"))
     if kind == "value_error":  # our own validators: the message already names the settings and the fix
@@ -699,12 +702,23 @@ def _explain_settings_error(exc: SettingsError, inputs: _LoadInputs) -> str:
         loc = tuple(part.lower() for part in upper[len(ENV_PREFIX):].split("__"))
         _, field = _model_at(loc)
         ann = getattr(field, "annotation", None)
-        if field is None or (getattr(ann, "__origin__", ann) not in (dict, list, tuple)):
+        kind = getattr(ann, "__origin__", ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            try:
+                json.loads(value)
+            except ValueError:
+                first = next(iter(ann.model_fields))
+                problems.append(f"{'.'.join(loc)}: {key} names a group of settings, not a value; set its "
+                                f"fields instead, e.g. {key}__{first.upper()}")
+            continue
+        if field is None or kind not in (dict, list, tuple):
             continue
         try:
             json.loads(value)
         except ValueError as parse_error:
-            example = '{"line1": 0.42}' if getattr(ann, "__origin__", ann) is dict else "[1, 3, 5]"
+            default = field.default if isinstance(field.default, (dict, list, tuple)) else None
+            example = json.dumps(list(default) if isinstance(default, tuple) else default) if default else (
+                '{"line1": 0.42}' if kind is dict else '["a", "b"]')
             problems.append(f"{'.'.join(loc)}: {key} is not valid JSON ({parse_error}); write it as JSON, "
                             f"e.g. {key}='{example}'")
     if not problems:
