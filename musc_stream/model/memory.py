@@ -210,12 +210,37 @@ class PatchMemory:
             raise EmptyMemoryError("the memory holds no patches yet")
         matrices = self._as_matrices(features)
         k = min(int(k), len(self))
+        if not self.use_gpu:
+            return self._search_cpu(matrices, k)
         indexes = self._search_indexes()
         out = {}
         for key, x in matrices.items():
             squared, _ = indexes[key].search(x, k)  # (L, k) squared L2
             # The BLAS path (‖x‖²+‖y‖²−2x·y) can dip a hair below zero for identical vectors.
             out[key] = np.sqrt(np.maximum(squared, 0.0)).mean(axis=1)  # (L,)
+        return out
+
+    def _search_cpu(self, matrices: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
+        """Exact kNN on the CPU as one torch matmul over a zero-copy view of each index's vectors.
+
+        Same distances as IndexFlatL2.search, but 2.8× faster on this 2-core box under load (one
+        set of 20 000 × 384 patches, 256 queries: FAISS 4.3 s, torch 1.5 s with one thread each,
+        /tmp/mb.py in the session log of issue 9): FAISS's OpenMP loop stalls when cores are
+        shared, BLAS does not. The FAISS indexes stay the storage (snapshots, GPU mirror)."""
+        out = {}
+        n = len(self)
+        for key, x in matrices.items():
+            dim = self._dims[key]
+            stored = faiss.rev_swig_ptr(self._cpu[key].get_xb(), n * dim).reshape(n, dim)  # no copy
+            bank = torch.from_numpy(stored)  # (M, C)
+            query = torch.from_numpy(x)  # (L, C)
+            # ‖b‖² − 2q·b ranks the bank for each query (‖q‖² is the same along a row) ...
+            ranking = (bank * bank).sum(1)[None] - 2.0 * (query @ bank.T)  # (L, M)
+            idx = torch.topk(ranking, k, dim=1, largest=False).indices  # (L, k)
+            # ... and the distance to the chosen neighbours is taken directly, without the
+            # cancellation of the expanded form (identical vectors give 0, not 3e-4).
+            nearest = (query[:, None, :] - bank[idx]).norm(dim=-1)  # (L, k)
+            out[key] = nearest.mean(1).numpy().astype(np.float32)  # (L,)
         return out
 
     def score(self, features: Features, k: int = 1) -> np.ndarray:
