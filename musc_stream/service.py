@@ -340,7 +340,13 @@ class Service:
             items.append(self.work.get(timeout=0.05 if items else 0.2))
         except queue.Empty:
             return items
-        frames = 1
+        max_age = self.settings.engine.max_age_s
+        now = time.time()
+
+        def fresh(item) -> bool:  # stale frames are dropped cheaply: they do not fill the batch
+            return isinstance(item, Frame) and not (max_age and now - item.received_at > max_age)
+
+        frames = int(fresh(items[-1]))
         deadline = time.monotonic() + self.settings.engine.max_batch_wait_s
         while frames < self.settings.model.batch_size:
             remaining = deadline - time.monotonic()
@@ -351,7 +357,7 @@ class Service:
             items.append(item)
             if isinstance(item, ResetCommand):
                 break  # what follows a reset waits for the next batch (keeps arrival order simple)
-            frames += isinstance(item, Frame)
+            frames += fresh(item)
         self.metrics.set_queue_depth(self.work.qsize())
         return items
 

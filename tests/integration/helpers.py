@@ -186,8 +186,13 @@ class AckedCamera:
 
 def audit_rows(directory: Path) -> list[dict]:
     """Every row of a real Parquet audit, read back with pyarrow (empty when none yet)."""
-    import pyarrow.dataset as ds
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    if not any(Path(directory).rglob("*.parquet")):
-        return []
-    return ds.dataset(directory, format="parquet", partitioning="hive").to_table().to_pylist()
+    for _ in range(20):  # a file replaced by the running service while we read it: read again
+        try:
+            return [row for path in sorted(Path(directory).rglob("*.parquet"))
+                    for row in pq.read_table(pa.BufferReader(path.read_bytes())).to_pylist()]
+        except FileNotFoundError:
+            time.sleep(0.05)
+    raise RuntimeError(f"audit files under {directory} kept changing while read")

@@ -1,6 +1,7 @@
 """`musc-stream serve` as real processes: SIGKILL and restart, and two workers on a shared subscription."""
 
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -32,6 +33,8 @@ class Worker:
             os.unlink(self.notify_path)
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.notify_path)
+        self.messages: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read_notify, daemon=True).start()
         self.env = {
             "PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1", "NOTIFY_SOCKET": self.notify_path,
             "MUSC_MQTT__HOST": "127.0.0.1", "MUSC_MQTT__PORT": str(port), "MUSC_MQTT__INSTANCE": instance,
@@ -49,11 +52,22 @@ class Worker:
         log = open(self.dir / "service.log", "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "musc_stream.cli", "serve"], env=self.env,
                                         stdout=log, stderr=subprocess.STDOUT)
-        self.notify.settimeout(timeout_s)
+        deadline = time.monotonic() + timeout_s
         while True:
-            message = self.notify.recv(4096).decode()
-            if "READY=1" in message:
-                return self
+            try:
+                if "READY=1" in self.messages.get(timeout=max(0.01, deadline - time.monotonic())):
+                    return self
+            except queue.Empty:
+                raise TimeoutError(f"no READY from {self.dir.name} within {timeout_s} s") from None
+
+    def _read_notify(self) -> None:
+        """Read the notify socket for as long as the test runs, as systemd does: a socket nobody
+        reads fills up (10 datagrams) and then blocks the sender."""
+        while True:
+            try:
+                self.messages.put(self.notify.recv(4096).decode())
+            except OSError:
+                return
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
