@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 
-import numpy as np
 import paho.mqtt.client as mqtt
 import pyarrow.dataset as ds
 import pytest
