@@ -246,3 +246,12 @@ def test_poison_frames_never_stop_the_network_thread(magnetic_tile, tmp_path):
     errors = outcomes[:-1]
     assert [reason for reason, _ in errors] == ["bad_envelope"] * 4
     assert all(frame_id is None or is_valid_id(frame_id) for _, frame_id in errors)
+
+
+def test_an_unexpected_error_inside_decoding_is_still_an_error_record(magnetic_tile, caplog):
+    """A shape of input nobody planned for (here user properties that are not pairs) must cost one
+    frame: FrameError decode_failed, logged with its traceback, never an exception of another type."""
+    with caplog.at_level(logging.ERROR, logger="musc_stream.frames"):
+        err = _error(_png(magnetic_tile), props=[("frame_id", "a", "surplus")])
+    assert err.reason == "decode_failed" and "ValueError" in err.detail
+    assert any(r.exc_info for r in caplog.records if r.name == "musc_stream.frames")
