@@ -257,3 +257,25 @@ def test_unreachable_broker_is_reported_at_once_and_on_every_retry(tmp_path, cap
     lines = [r.message for r in caplog.records if "cannot reach broker" in r.message]
     assert len(lines) >= 2, lines  # the first try and every retry say so
     assert "attempt 1" in lines[0] and "attempt 2" in lines[1]
+
+
+def test_serve_ready_timeout_fails_with_one_line_saying_why(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from musc_stream.broker import free_port
+
+    port = free_port()  # nothing listens here
+    env = {"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "MUSC_MQTT__HOST": "127.0.0.1", "MUSC_MQTT__PORT": str(port), "MUSC_MQTT__RECONNECT_MAX_S": "1",
+           "MUSC_MODEL__NAME": "random-vit-tiny", "MUSC_MODEL__PRETRAINED": "null", "MUSC_MODEL__IMAGE_SIZE": "64",
+           "MUSC_AUDIT__DIR": str(tmp_path / "audit"), "MUSC_STATE__DIR": str(tmp_path / "state"),
+           "MUSC_METRICS__ENABLED": "false"}
+    done = subprocess.run([sys.executable, "-m", "musc_stream.cli", "serve", "--ready-timeout", "3"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"musc-stream: error: no subscription to broker 127.0.0.1:{port} within 3 s")
+    assert "Connection refused" in last and "Traceback" not in done.stderr
+    assert done.stderr.count("cannot reach broker") >= 2  # logged at once and on the retries
