@@ -1,4 +1,4 @@
-"""Command line: `musc-stream serve | demo | replay | eval | bench | config`.
+"""Command line: `musc-stream serve | demo | replay | eval | config`.
 
 Settings are read here once and passed down as objects; no other module reads the environment
 (besides config.py, which this module calls).
