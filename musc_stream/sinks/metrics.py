@@ -1,9 +1,10 @@
 """Prometheus metrics: every musc_* metric in one registry, and the /metrics HTTP server.
 
-Labels are only ``line``, ``reason``, ``stage`` and ``kind`` (of a message not published), plus the
-constant model/weights/version labels of ``musc_info``: each label value is a time series kept forever, so never a frame id, and
-``line`` only after ingest validated it (``_unknown`` otherwise). Every line's counters start at 0
-the first time the line is seen, so ``rate()`` and ``increase()`` work before the first anomaly.
+Labels are only ``line``, ``reason``, ``stage``, ``kind`` (of a message not published) and ``task``
+(of a housekeeping error), plus the constant model/weights/version labels of ``musc_info``: each label
+value is a time series kept forever, so never a frame id, and ``line`` only after ingest validated it (``_unknown`` otherwise). Every line's counters (its drops
+per DROP_REASONS too) start at 0 the first time the line is seen, so ``rate()`` and ``increase()`` see
+the first anomaly or drop, and dashboards read 0 rather than "No data".
 
 Histogram buckets:
 - ``musc_image_score``: MuSc scores are Euclidean distances between L2-normalised patch features,
@@ -42,7 +43,10 @@ logger = logging.getLogger(__name__)
 
 UNKNOWN_LINE = "_unknown"  # same value as sinks.audit.UNKNOWN_LINE
 STAGES = ("decode", "queue", "backbone", "scoring", "publish", "audit")
-DROP_REASONS = ("queue_full", "shutdown")  # documented values; others are accepted
+DROP_REASONS = ("queue_full", "stale", "duplicate", "reset_in_warmup")  # start at 0 per line; others are accepted
+# Tasks of musc_housekeeping_errors_total, all at 0 from the start (a first error is then a visible increase).
+HOUSEKEEPING_TASKS = ("snapshot", "audit_flush", "audit_rotation", "audit_close", "audit_row", "publish", "spool",
+                      "reset", "heartbeat", "metrics", "gpu_metrics")
 PUBLISH_KINDS = ("result", "anomaly", "heatmap", "error", "status")
 PUBLISH_FAILURE_REASONS = ("too_large", "client_error")
 
@@ -145,6 +149,8 @@ class Metrics:
             "musc_housekeeping_errors",
             "Errors caught and survived outside scoring (snapshot, audit flush/rotation, publish, spool).",
             ["task"], registry=r)
+        for task in HOUSEKEEPING_TASKS:
+            self.housekeeping_errors.labels(task)
         self.stale_acks = Counter(
             "musc_stale_acks_dropped",
             "Acks not sent because their message came on an earlier connection (it is redelivered).",
@@ -268,6 +274,8 @@ class Metrics:
                     for counter in (self.frames_received, self.frames_scored, self.anomalies,
                                     self.changeovers):
                         counter.labels(line)
+                    for reason in DROP_REASONS:
+                        self.frames_dropped.labels(line, reason)
                     self._lines.add(line)
         return line
 
