@@ -1,10 +1,11 @@
 """Prometheus metrics: every musc_* metric in one registry, and the /metrics HTTP server.
 
 Labels are only ``line``, ``reason``, ``stage``, ``kind`` (of a message not published) and ``task``
-(of a housekeeping error), plus the constant model/weights/version labels of ``musc_info``: each label
-value is a time series kept forever, so never a frame id, and ``line`` only after ingest validated it (``_unknown`` otherwise). Every line's counters (its drops
-per DROP_REASONS too) start at 0 the first time the line is seen, so ``rate()`` and ``increase()`` see
-the first anomaly or drop, and dashboards read 0 rather than "No data".
+(of a housekeeping error), plus the constant model/weights/version labels of ``musc_info``: each
+label value is a time series kept forever, so never a frame id, and ``line`` only after ingest
+validated it (``_unknown`` otherwise). Every line's counters (its drops per DROP_REASONS too) start
+at 0 the first time the line is seen, so ``rate()`` and ``increase()`` see the first anomaly or
+drop, and dashboards read 0 rather than "No data".
 
 Histogram buckets:
 - ``musc_image_score``: MuSc scores are Euclidean distances between L2-normalised patch features,
