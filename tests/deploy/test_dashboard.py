@@ -211,6 +211,28 @@ def test_every_dashboard_query_runs_and_has_data(prometheus):
     assert empty == []
 
 
+ZERO_WHEN_QUIET = ("Drops and errors /s", "Housekeeping errors /s", "Acks dropped after a reconnect /s")
+
+
+@pytest.mark.parametrize("line", ["quiet", "absent"])
+def test_drop_and_error_panels_read_zero_when_nothing_went_wrong(prometheus, live_metrics, line):
+    # "No data" on a drops panel reads as a broken dashboard (or a dead service); a quiet line shows 0.
+    # quiet: a line that is scored but never dropped a frame; absent: a line no worker knows.
+    from musc_stream.sinks.metrics import DROP_REASONS
+
+    name = next(n for n in live_metrics.lines if n != live_metrics.dropped[0]) if line == "quiet" else "no-such-line"
+    panels = {p["title"]: p for p in _panels(_dashboard())}
+    for title in ZERO_WHEN_QUIET:
+        for target in panels[title]["targets"]:
+            expr = target["expr"].replace("$line", name).replace("$__rate_interval", "10s")
+            result = prometheus.query(expr)
+            assert result, f"panel {title!r} {target['refId']} shows No data for line {name}"
+            assert [float(s["value"][1]) for s in result] == [0.0] * len(result), (title, result)
+    if line == "quiet":  # the service starts each line's drop counters at 0: every reason has a series
+        result = prometheus.query(f'musc_frames_dropped_total{{line="{name}"}}')
+        assert {s["metric"]["reason"] for s in result} >= set(DROP_REASONS)
+
+
 def test_line_variable_lists_the_lines(prometheus, live_metrics):
     # label_values(musc_frames_scored_total, line) is Grafana's call of this API.
     lines = prometheus.api("label/line/values", **{"match[]": "musc_frames_scored_total"})
