@@ -14,7 +14,8 @@ RULES = PROMETHEUS / "rules" / "musc-stream.rules.yml"
 RULES_TEST = PROMETHEUS / "tests" / "musc-stream.rules.test.yml"
 
 ALERTS = {"MuscServiceDown", "MuscLineSilent", "MuscAnomalyRateHigh", "MuscFramesDropped",
-          "MuscQueueSaturated", "MuscLatencyHigh", "MuscBrokerDisconnected"}
+          "MuscQueueSaturated", "MuscLatencyHigh", "MuscBrokerDisconnected", "MuscHousekeepingErrors",
+          "MuscPublishFailures"}
 
 
 def _promtool(*args: str) -> subprocess.CompletedProcess:
