@@ -1,8 +1,11 @@
 """The service: wiring, lifecycle, the engine thread's loop, signals and systemd notify.
 
-Threads: paho's network thread (decode, validate, enqueue), one engine thread (backbone, scoring,
-audit, publish, ack), the metrics HTTP thread. They meet in one bounded queue (frames, resets)
-and one refusal queue (frames ingest refused, to be audited before their ack).
+Stages (threads): paho's network thread (decode, validate, enqueue); the scoring stage, which
+alone owns the engine and the line state (dedupe, backbone, scoring, resets, snapshots); the sink
+stage, which owns the audit and the spool (spool → audit → publish → ack), so scoring never waits
+on disk or the network; the metrics HTTP thread. Ingest and scoring meet in one bounded queue
+(frames, resets) plus a refusal queue (frames ingest refused, audited before their ack); scoring
+and sink in a short bounded queue of outcomes, handled strictly in order.
 
 Delivery (README "Guarantees"): a frame is acked only once its decision or failure is in a
 closed Parquet file, or, while the engine holds it for warm-up, once it is in the fsynced spool
@@ -72,19 +75,22 @@ def backbone_from_settings(settings: Settings) -> Backbone:
 
 @dataclass
 class _Held:
-    """A frame the engine holds for warm-up: its ack (None once spooled and acked) and spool file."""
+    """A frame the engine holds for warm-up: its ack (None once spooled and acked) and spool file.
+    The sink reads ``ack`` and ``spool`` when it answers the frame, so a frame spooled by an
+    earlier outcome is never acked twice."""
 
     frame: Frame
     ack: Ack | None
     spool: Path | None = None
+    answered: bool = False  # set by the scoring stage once a decision or failure is on its way
 
 
 @dataclass
 class _Outcome:
     """What one pass of the engine thread must make durable, publish and ack, in that order."""
 
-    decisions: list[tuple[Decision, Path | None]] = field(default_factory=list)
-    failures: list[tuple[FrameFailure, Path | None]] = field(default_factory=list)
+    decisions: list[tuple[Decision, _Held | None]] = field(default_factory=list)
+    failures: list[tuple[FrameFailure, _Held | None]] = field(default_factory=list)
     to_spool: list[_Held] = field(default_factory=list)
     acks: list[Ack | None] = field(default_factory=list)  # reset commands
     republish: list[Decision] = field(default_factory=list)  # decided before a restart, redelivered
@@ -118,7 +124,10 @@ class Service:
         self._consecutive_failures = 0
         self._connection = 0  # bumped on every connect and disconnect; acks carry it
         self._ack_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the scoring stage
+        self._sink_thread: threading.Thread | None = None
+        self._outcomes: queue.Queue[_Outcome | None] = queue.Queue(maxsize=4)
+        self._beat_lock = threading.Lock()
         self._metrics_server = None
         self.metrics_port: int | None = None
         self.client: mqtt.Client | None = None
@@ -157,6 +166,8 @@ class Service:
         self._open_durable_state()
         self._connect()
         self._wait_for_subscription(ready_timeout_s)
+        self._sink_thread = threading.Thread(target=self._sink_loop, name="musc-sink", daemon=True)
+        self._sink_thread.start()
         self._thread = threading.Thread(target=self._loop, name="musc-engine", daemon=True)
         self._thread.start()
         systemd.ready()
@@ -202,8 +213,9 @@ class Service:
             signal.signal(sig, lambda *_: self.stop_event.set())
         code = 0
         while not self.stop_event.wait(0.5):
-            if self._thread is not None and not self._thread.is_alive():
-                reason = self.fatal or "engine thread died unexpectedly (see the traceback above)"
+            dead = [t.name for t in (self._thread, self._sink_thread) if t is not None and not t.is_alive()]
+            if dead:
+                reason = self.fatal or f"{' and '.join(dead)} thread died unexpectedly (see the traceback above)"
                 logger.critical("stopping: %s", reason)
                 systemd.status(f"stopping: {reason}")
                 code = 1
@@ -221,6 +233,9 @@ class Service:
         self.stop_event.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        if self._sink_thread is not None:
+            self._handoff(None)  # the sink answers what scoring handed it, then ends
+            self._sink_thread.join(timeout=60)
         if self.audit is not None:
             self._guard("audit_close", self.audit.close)
         if self.engine is not None and save_state:
@@ -370,8 +385,6 @@ class Service:
             items = self._next_batch()
             if items:
                 self._handle(items)
-            if self.audit is not None:
-                self._guard("audit_rotation", self.audit.maybe_rotate)
             now = time.monotonic()
             if now - last_snapshot >= self.settings.state.snapshot_interval_s:
                 last_snapshot = now
@@ -379,7 +392,7 @@ class Service:
             if now - last_beat >= self.settings.engine.heartbeat_s:
                 last_beat = now
                 self._guard("heartbeat", self._log_heartbeat)
-            if now - last_ping >= (interval / 2 if interval else 5.0):
+            if now - last_ping >= (interval / 2 if interval else 5.0) and self._sink_thread.is_alive():
                 last_ping = now
                 self._ping()
         if self.fatal is not None:
@@ -408,7 +421,7 @@ class Service:
             chunk = fresh[start:start + size]
             out = _Outcome()
             self._score([s.frame for s in chunk], out, spool_paths={_key(s.frame): s.path for s in chunk})
-            self._finish(out)
+            self._handoff(out)
 
     def _handle(self, items: list[WorkItem]) -> None:
         """One pass: dedupe and age-check frames, score them in arrival order (a reset splits the
@@ -441,7 +454,7 @@ class Service:
                 seen.add(_key(item))
                 segment.append(item)
         self._score(segment, out)
-        self._finish(out)
+        self._handoff(out)
 
     def _duplicate(self, frame: Frame, seen: set[Key]) -> str | None:
         key = _key(frame)
@@ -478,15 +491,19 @@ class Service:
             key = _key(d)
             if key in new:
                 frame = new.pop(key)
-                d.ack, path = frame.ack, spool_paths.get(key)
+                d.ack = frame.ack
+                held = _Held(frame, None, spool_paths[key], True) if key in spool_paths else None
             elif key in self._held:
                 held = self._held.pop(key)
-                d.ack, path = held.ack, held.spool
+                held.answered = True
+                d.ack = None  # the sink takes the held frame's ack (None once spooled and acked)
             else:  # answered already (a failed batch took it); never decide a frame twice
                 logger.warning("engine released frame %s of line %s that was already answered; decision dropped",
                                ascii(d.frame_id), d.line)
                 continue
-            out.decisions.append((d, path))
+            self._recent.add(key)  # from now on a copy is a duplicate, durable or not yet
+            out.decisions.append((d, held))
+        self._guard("metrics", lambda: self._observe_lines({d.line for d in decisions}))
         for key, frame in new.items():  # the engine holds these until the line has references
             held = _Held(frame, frame.ack, spool_paths.get(key))
             self._held[key] = held
@@ -504,8 +521,10 @@ class Service:
                      exc, exc_info=exc)
         detail = "internal error while scoring; see service log"
         for f in frames:
+            key = _key(f)
+            held = _Held(f, None, spool_paths[key], True) if key in spool_paths else None
             out.failures.append((FrameFailure("scoring_failed", detail, f.line, f.frame_id, f.received_at, f.ack),
-                                 spool_paths.get(_key(f))))
+                                 held))
         self._reconcile({f.line for f in frames}, out, "scoring_failed", detail)
         limit = self.settings.engine.max_scoring_failures
         if self._consecutive_failures >= limit:
@@ -530,10 +549,11 @@ class Service:
             if known and id(held.frame) in still:
                 continue
             del self._held[key]
+            held.answered = True
             logger.warning("frame %s of line %s was held for warm-up and is answered as %s",
                            ascii(held.frame.frame_id), held.frame.line, reason)
             out.failures.append((FrameFailure(reason, detail, held.frame.line, held.frame.frame_id,
-                                              held.frame.received_at, held.ack), held.spool))
+                                              held.frame.received_at), held))
         self.metrics.set_frames_held(len(self._held))
 
     def _apply_reset(self, command: ResetCommand, out: _Outcome) -> None:
@@ -541,9 +561,10 @@ class Service:
         scored without references; each is answered (``reset_in_warmup``) before the reset."""
         for key in [k for k in self._held if k[0] == command.line]:
             held = self._held.pop(key)
+            held.answered = True
             out.failures.append((FrameFailure(
                 "reset_in_warmup", "the line was reset before this frame had enough references to be scored",
-                held.frame.line, held.frame.frame_id, held.frame.received_at, held.ack), held.spool))
+                held.frame.line, held.frame.frame_id, held.frame.received_at), held))
         self.metrics.set_frames_held(len(self._held))
         try:
             self.engine.reset(command.line)
@@ -553,11 +574,40 @@ class Service:
             self.metrics.observe_housekeeping_error("reset")
         out.acks.append(command.ack)
 
+    # -- the sink stage ------------------------------------------------------------------------
+    def _handoff(self, out: _Outcome | None) -> None:
+        """Give one outcome to the sink; blocks while the sink is behind (back-pressure), never
+        forever when the sink has died."""
+        if out is not None and not (out.decisions or out.failures or out.acks or out.to_spool):
+            return
+        while True:
+            try:
+                self._outcomes.put(out, timeout=1.0)
+                return
+            except queue.Full:
+                if self._sink_thread is None or not self._sink_thread.is_alive():
+                    logger.error("sink stage is gone: %s outcome(s) not answered; the broker redelivers them",
+                                 self._outcomes.qsize())
+                    return
+
+    def _sink_loop(self) -> None:
+        """Answer outcomes in the order scoring made them; rotate the audit; end on None."""
+        while True:
+            try:
+                out = self._outcomes.get(timeout=0.5)
+            except queue.Empty:
+                out = _Outcome()
+            if out is None:
+                return
+            self._finish(out)
+            if self.audit is not None:
+                self._guard("audit_rotation", self.audit.maybe_rotate)
+
     def _finish(self, out: _Outcome) -> None:
         """Spool (then ack) newly held frames; audit, publish, ack the rest; forget spool files."""
         for held in out.to_spool:
-            if self._held.get(_key(held.frame)) is not held:
-                continue  # answered already in this pass (a reset or failed batch came after it)
+            if held.answered:
+                continue  # answered already: its decision or failure carries the ack
             try:
                 held.spool = self.spool.write(held.frame)
             except Exception as exc:  # noqa: BLE001 - stays unacked instead: no loss, only quota
@@ -579,37 +629,47 @@ class Service:
         for d in out.republish:  # its first result may have died with the previous process
             self._guard("publish", lambda d=d: self.publisher.publish_decision(d, None))
         publish_s = time.perf_counter() - started
-        for d, path in out.decisions:
+        for d, held in out.decisions:
             d.latency_s["publish"] = publish_s / max(1, len(out.decisions))
             d.heatmap = d.image = None  # free the arrays early
-            self._ack(d.ack)
-            self._recent.add(_key(d))
-            if path is not None:
-                self.spool.delete(path)
+            self._answer(d.ack, held)
             self._guard("metrics", lambda d=d: self._observe(d))
-        for f, path in out.failures:
-            self._ack(f.ack)
-            if path is not None:
-                self.spool.delete(path)
+        for f, held in out.failures:
+            self._answer(f.ack, held)
             if f.reason in _DROPS:
                 if f.reason != "queue_full":  # counted by ingest when it refused the frame
                     self.metrics.observe_drop(f.line, f.reason)
-                self._heartbeat.dropped(f.line)
+                with self._beat_lock:
+                    self._heartbeat.dropped(f.line)
             else:
                 self.metrics.observe_failure(f)
         for ack in out.acks:
             self._ack(ack)
         self.frames_done += len(out.decisions)
 
+    def _answer(self, ack: Ack | None, held: _Held | None) -> None:
+        """Ack a durable answer: a held frame's own ack unless it was spooled (and acked) already,
+        then forget its spool file."""
+        if held is not None:
+            ack, held.ack = held.ack, None
+        self._ack(ack)
+        if held is not None and held.spool is not None:
+            self.spool.delete(held.spool)
+
     def _observe(self, d: Decision) -> None:
         self.metrics.observe_decision(d)
-        self._heartbeat.decided(d.line, d.end_to_end_s)
-        state = self.engine.lines.get(d.line)
-        if state is not None:
-            self.metrics.set_window_fill(d.line, len(state.window))
-            self.metrics.set_memory_patches(d.line, state.memory_size)
-            if state.threshold.value is not None:
-                self.metrics.set_threshold(d.line, state.threshold.value)
+        with self._beat_lock:
+            self._heartbeat.decided(d.line, d.end_to_end_s)
+
+    def _observe_lines(self, lines: set[str]) -> None:
+        """Per-line engine gauges, read on the scoring stage (the engine's only thread)."""
+        for line in lines:
+            state = self.engine.lines.get(line)
+            if state is not None:
+                self.metrics.set_window_fill(line, len(state.window))
+                self.metrics.set_memory_patches(line, state.memory_size)
+                if state.threshold.value is not None:
+                    self.metrics.set_threshold(line, state.threshold.value)
 
     def _make_durable(self, out: _Outcome) -> bool:
         """Audit rows on disk before any ack; retried (saying why, keeping the watchdog fed) until
@@ -670,7 +730,8 @@ class Service:
                          exc_info=logger.isEnabledFor(logging.DEBUG))
 
     def _log_heartbeat(self) -> None:
-        info, behind = self._heartbeat.report(time.monotonic(), self.work.qsize(), len(self._held))
+        with self._beat_lock:
+            info, behind = self._heartbeat.report(time.monotonic(), self.work.qsize(), len(self._held))
         logger.info(info)
         for line in behind:
             logger.warning(line)
