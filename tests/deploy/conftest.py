@@ -73,7 +73,8 @@ class TlsBroker:
     """A running Mosquitto with the shipped config, ACL and TLS, on loopback.
 
     users: user name → password, all in its password file. ``musc-stream`` is the service,
-    ``musc-consumer`` reads results, ``line1`` and ``line2`` are the cameras of those lines.
+    ``musc-consumer`` reads results, ``musc-operator`` may reset a line, ``line1`` and ``line2`` are
+    the cameras of those lines.
     """
 
     host: str
@@ -85,6 +86,7 @@ class TlsBroker:
     service_user: str = "musc-stream"
     second_worker_user: str = "musc-stream-w2"  # its ACL block copied from musc-stream, as README says
     consumer_user: str = "musc-consumer"
+    operator_user: str = "musc-operator"
     camera_users: tuple[str, ...] = ("line1", "line2")
 
     def log(self) -> str:
@@ -143,7 +145,7 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     d = tmp_path_factory.mktemp("mosquitto-tls")
     ca, cert, key = _make_pki(d)
     users = {"musc-stream": "svc-pass-1", "musc-consumer": "mes-pass-2", "line1": "cam-pass-3",
-             "line2": "cam-pass-4", "musc-stream-w2": "svc-pass-5"}
+             "line2": "cam-pass-4", "musc-stream-w2": "svc-pass-5", "musc-operator": "op-pass-6"}
     passwd = d / "passwd"
     passwd.touch(mode=0o600)
     for user, password in users.items():

@@ -229,15 +229,23 @@ def test_service_publishes_alerts_and_errors(connect, tls_broker, topic):
     assert (msg.topic, msg.payload) == (topic, payload)
 
 
-def test_consumer_resets_a_line_for_every_worker(connect, tls_broker):
-    # One user per worker: the broker makes the user name the client id (use_username_as_clientid).
+def test_only_the_operator_resets_a_line_for_every_worker(connect, tls_broker):
+    # A reset wipes a line's window, memory and threshold on every worker: a camera (even of that
+    # line) or a consumer must not be able to send one. One user per worker: the broker makes the
+    # user name the client id (use_username_as_clientid).
     workers = [connect(tls_broker.service_user), connect(tls_broker.second_worker_user)]
     for worker in workers:
         assert not worker.subscribe("line/+/reset")[0].is_failure
+    not_authorized = ReasonCode(mqtt.PacketTypes.PUBACK, "Not authorized")
+    for user in ("line1", tls_broker.consumer_user):
+        assert connect(user).publish("line/line1/reset", b"{}") == not_authorized, user
+    # Sentinel: the operator's reset, published after the refused ones were answered, is the first
+    # message each worker gets; a refused reset that got through would have come before it.
     command = _payload()
-    assert not connect(tls_broker.consumer_user).publish("line/line1/reset", command).is_failure
+    assert not connect(tls_broker.operator_user).publish("line/line1/reset", command).is_failure
     for worker in workers:
-        assert worker.next_message().payload == command
+        msg = worker.next_message()
+        assert (msg.topic, msg.payload) == ("line/line1/reset", command)
 
 
 def test_service_status_birth_and_last_will(tls_broker, connect):
