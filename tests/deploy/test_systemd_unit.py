@@ -1,5 +1,6 @@
 """deploy/systemd: the unit passes systemd-analyze, and its settings are ones the service accepts."""
 
+import ipaddress
 import shlex
 import subprocess
 import sys
@@ -127,6 +128,18 @@ def test_unit_and_example_settings_load(tmp_path):
     assert settings.mqtt.password.get_secret_value() == "s3cret"
     assert settings.mqtt.tls.enabled
     assert settings.mqtt.port == 8883
+
+
+def test_unit_and_example_keep_metrics_on_loopback():
+    # /metrics has no authentication: what the box runs as shipped must not serve it to the network.
+    active = {}
+    for raw in ENV_EXAMPLE.read_text().splitlines():
+        if raw.strip() and not raw.lstrip().startswith("#") and "=" in raw:
+            key, _, value = raw.strip().partition("=")
+            active[key] = value
+    env = {**_unit_environment(), **{k: v for k, v in active.items() if k.startswith("MUSC_METRICS__")}}
+    host = load_settings(env=env).metrics.host
+    assert ipaddress.ip_address(host).is_loopback, host
 
 
 def test_unit_directories_match_the_settings():
