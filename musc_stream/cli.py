@@ -185,11 +185,11 @@ def cmd_eval(args) -> int:
         if args.stream:
             return _eval_stream(args, root, out, backbone)
         selection = Selection(args.n_normal, args.n_anomalous, args.seed)
-        settings = MuscSettings(rscin_windows=tuple(args.rscin_windows),
-                                rscin_features=args.rscin_features or MuscSettings.rscin_features)
+        settings = MuscSettings(rscin_features=args.rscin_features or MuscSettings.rscin_features)
         report, outputs = run_batch_eval(
             root, backbone, settings, selection,
             categories=args.category or None, batch_size=args.batch_size, progress=_progress,
+            rscin_windows=args.rscin_windows,
         )
         json_path, md_path = write_report(out, report)
         side = backbone.image_size
@@ -220,7 +220,7 @@ def _eval_stream(args, root: Path, out: Path, backbone) -> int:
     config = EngineConfig()
     if args.window is not None:
         config = replace(config, window_size=args.window)
-    batch = MuscSettings(rscin_windows=tuple(args.rscin_windows),
+    batch = MuscSettings(rscin_windows=tuple(args.rscin_windows or MuscSettings.rscin_windows),
                          rscin_features=args.rscin_features or MuscSettings.rscin_features)
     try:
         result = run_stream_eval(
@@ -341,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-normal", type=int, default=None, help="seeded subset: normal images per category")
     p.add_argument("--n-anomalous", type=int, default=None, help="seeded subset: anomalous images per category")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--rscin-windows", type=int, nargs="+", default=[1, 2, 3],
-                   help="RsCIN windows (reference: 1 2 3 for MVTec/BTAD, 1 8 9 for VisA; 0 turns RsCIN off)")
+    p.add_argument("--rscin-windows", type=int, nargs="+", default=None,
+                   help="RsCIN windows (reference: 1 2 3 for MVTec/BTAD, 1 8 9 for VisA; 0 turns RsCIN off); "
+                        "default per layout: 1 2 3 for MVTec, off for magnetic tiles (measured)")
     p.add_argument("--rscin-features", choices=("normalised", "raw"), default=None,
                    help="RsCIN similarity: cosine of L2-normalised image features (default) or the "
                         "reference's raw dot product (its DINO path; for parity)")

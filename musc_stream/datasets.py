@@ -45,6 +45,12 @@ _MVTEC_MASK_SUFFIX = "_mask"
 MVTEC = "mvtec"
 _MASK_FULL = 255  # MVTec: a defect pixel after the resize is one still at full value
 _MT_MASK_THRESHOLD = 128  # magnetic tile: the dataset README's rule for its anti-aliased masks
+# RsCIN windows per layout when the caller does not choose (the reference, too, picks them per
+# dataset: {1,2,3} for MVTec/BTAD, {1,8,9} for VisA). Magnetic tiles: off. Within one camera set-up
+# the image-level neighbours of a defect are defective at chance rate, so RsCIN only mixes noise in;
+# on normalised features it cost up to 3 image-AUROC points per set-up, on raw ones 10–23
+# (benchmarks/results/rscin_magnetic_tile.md). 0 turns RsCIN off.
+RSCIN_WINDOWS = {MVTEC: (1, 2, 3), MAGNETIC_TILE: (0,)}
 MASK_RULES = {
     MVTEC: "bilinear resize to S×S, then only pixels still at 255 (the reference truncates with astype(int32))",
     MAGNETIC_TILE: "bilinear resize to S×S, then >= 128 (anti-aliased masks; the dataset README's rule)",

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from musc_stream.datasets import MASK_RULES, Sample, discover, load_image, load_mask, seeded_subset
+from musc_stream.datasets import MASK_RULES, RSCIN_WINDOWS, Sample, discover, load_image, load_mask, seeded_subset
 from musc_stream.engine import Engine, EngineConfig
 from musc_stream.metrics import image_metrics, pixel_metrics
 from musc_stream.model.backbone import Backbone, Features
@@ -68,6 +68,14 @@ def _mask_rules(samples: Sequence[Sample]) -> str:
     return "; ".join(f"{layout}: {MASK_RULES[layout]}" for layout in sorted({s.layout for s in samples}))
 
 
+def rscin_windows_for(samples: Sequence[Sample]) -> tuple[int, ...]:
+    """Default RsCIN windows of a category, by its layout (datasets.RSCIN_WINDOWS)."""
+    layouts = {s.layout for s in samples}
+    if len(layouts) != 1:
+        raise ValueError(f"a category mixes dataset layouts {sorted(layouts)}")
+    return RSCIN_WINDOWS[layouts.pop()]
+
+
 def run_batch_eval(
     root: Path,
     backbone: Backbone,
@@ -76,9 +84,14 @@ def run_batch_eval(
     categories: Sequence[str] | None = None,
     batch_size: int = 8,
     progress: Progress = _no_progress,
+    rscin_windows: Sequence[int] | None = None,
 ) -> tuple[dict, dict[str, tuple[list[Sample], list[np.ndarray]]]]:
     """Batch MuSc over every category under ``root``. Returns the report dict (report.py schema)
-    and, per category, the evaluated samples with their S×S maps (for the heatmap grid)."""
+    and, per category, the evaluated samples with their S×S maps (for the heatmap grid).
+
+    ``rscin_windows`` None uses each category's layout default (``rscin_windows_for``: the
+    reference's {1,2,3} for MVTec, off for magnetic tiles); a list applies to every category.
+    ``settings.rscin_windows`` is then ignored."""
     found = discover(root)
     names = list(categories) if categories else sorted(found)
     side = backbone.image_size
@@ -93,13 +106,16 @@ def run_batch_eval(
         progress(f"{name}: loading {len(samples)} images", index, len(names))
         images = [load_image(s.path) for s in samples]
         progress(f"{name}: scoring", index, len(names))
-        result = score_batch(images, backbone, settings, batch_size=batch_size, map_size=(side, side),
+        windows = tuple(rscin_windows) if rscin_windows is not None else rscin_windows_for(samples)
+        result = score_batch(images, backbone, replace(settings, rscin_windows=windows),
+                             batch_size=batch_size, map_size=(side, side),
                              on_step=lambda done, total: progress(f"{name}: MSM set", done, total))
         labels = np.array([s.label for s in samples])
         masks = np.stack([load_mask(s, (side, side)) for s in samples])
         maps = np.stack(result.maps)
         per_category[name] = {
             "mask_rule": _mask_rules(samples),
+            "rscin_windows": list(windows),
             "image": image_metrics(labels, result.scores),
             "pixel": pixel_metrics(masks, maps),
             "n_images": len(samples),
@@ -113,7 +129,8 @@ def run_batch_eval(
     report = {
         "settings": {
             "image_size": side, "r_list": list(settings.r_list), "topmin_max": settings.topmin_max,
-            "rscin_windows": list(settings.rscin_windows), "rscin_features": settings.rscin_features,
+            "rscin_windows": list(rscin_windows) if rscin_windows is not None else "per layout (see categories)",
+            "rscin_features": settings.rscin_features,
             "layers": list(backbone.layers),
             "distance_dtype": str(settings.distance_dtype or "float32"),
             "device": str(backbone.device), "root": str(root),

@@ -16,6 +16,7 @@ shows them ×100 with 2 decimals):
                 "n_images": int,
                 "n_anomalous": int,
                 "mask_rule": str,                              # optional: how its masks were binarised
+                "rscin_windows": [int, ...],                   # optional: RsCIN windows used ([0]: off)
             },
         },
         "mean": {"image": {...}, "pixel": {...}},   # unweighted category means (§7), computed by the caller
@@ -174,6 +175,11 @@ def _markdown(result: dict[str, Any]) -> str:
     if rules:
         lines += ["", "Ground-truth masks (at S×S):", ""]
         lines += [f"- {category}: {rule}" for category, rule in rules.items()]
+    windows = {category: entry["rscin_windows"] for category, entry in result["categories"].items()
+               if "rscin_windows" in entry}
+    if windows:
+        lines += ["", "RsCIN windows per category (0 = RsCIN off):", ""]
+        lines += [f"- {category}: `{value}`" for category, value in windows.items()]
     timings = result["timings"]
     lines += [
         "",

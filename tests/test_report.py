@@ -81,6 +81,14 @@ def test_report_markdown_says_how_masks_were_binarised(tmp_path):
     assert rules[1].startswith("- bottle: mvtec: ") and "still at 255" in rules[1]
 
 
+def test_report_markdown_lists_rscin_windows_per_category(tmp_path):
+    result = _result()
+    result["categories"]["magnetic_tile"]["rscin_windows"] = [0]
+    result["categories"]["bottle"]["rscin_windows"] = [1, 2, 3]
+    text = write_report(tmp_path, result)[1].read_text()
+    assert "- magnetic_tile: `[0]`" in text and "- bottle: `[1, 2, 3]`" in text
+
+
 @pytest.mark.parametrize("n_items, max_items, rows", [(3, 16, 3), (5, 2, 2)])
 def test_heatmap_grid_rows(tmp_path, n_items, max_items, rows):
     rng = np.random.default_rng(0)
