@@ -2,7 +2,11 @@
 
 Nothing here waits on the GPU: a full queue refuses the frame with a counter and a log line, and
 hands the refusal to the sink (``refusals``), which audits it, answers it on the error topic and
-only then acks it, so a refusal is as durable as a decision. Reset commands are validated like
+only then acks it, so a refusal is as durable as a decision. A frame is refused *before* it is
+decoded when the queue is full or its line already holds its fair share of the queue (half the
+queue is free for anyone; beyond that a line may hold capacity / (lines waiting + 1), keeping room
+for a line that has nothing waiting), so one flooding camera cannot crowd out the others nor make
+the service decode what it will drop. Reset commands are validated like
 frame topics; retained ones are ignored (a retained reset would wipe the line at every
 reconnect). Every ack token carries the connection it came from: an ack for a message of an
 earlier connection is dropped (the broker redelivers the message, and the dedupe answers it).
@@ -19,7 +23,10 @@ from typing import Any, Callable
 import paho.mqtt.client as mqtt
 
 from musc_stream.config import FrameLimits
-from musc_stream.frames import FrameError, decode_frame, parse_line_id
+import re
+import threading
+
+from musc_stream.frames import FrameError, decode_frame, derive_frame_id, is_valid_id, parse_line_id
 from musc_stream.mqtt import Topics
 from musc_stream.records import Frame, FrameFailure
 from musc_stream.sinks.metrics import Metrics
@@ -47,13 +54,48 @@ class ResetCommand:
 
 WorkItem = Frame | FrameFailure | ResetCommand
 
+_JSON_START = re.compile(rb"\s*\{")
+
+
+class LineShares:
+    """Frames (and frame errors) of each line waiting in the work queue; the network thread adds,
+    the scoring stage removes."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._counts: dict[str | None, int] = {}
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def admits(self, line: str | None) -> bool:
+        with self._lock:
+            if self._total < self.capacity // 2:
+                return True
+            # +1: room is always kept for a line that has nothing waiting yet
+            waiting = sum(1 for c in self._counts.values() if c > 0)
+            return self._counts.get(line, 0) < max(1, self.capacity // (waiting + 1))
+
+    def added(self, line: str | None) -> None:
+        with self._lock:
+            self._counts[line] = self._counts.get(line, 0) + 1
+            self._total += 1
+
+    def removed(self, line: str | None) -> None:
+        with self._lock:
+            left = self._counts.get(line, 0) - 1
+            if left > 0:
+                self._counts[line] = left
+            else:
+                self._counts.pop(line, None)
+            self._total = max(0, self._total - 1)
+
 
 class Ingest:
     """paho on_message handler: topic routing, decoding, and the bounded hand-off queue."""
 
     def __init__(self, topics: Topics, limits: FrameLimits, metrics: Metrics, work: queue.Queue,
                  refusals: queue.Queue, ack: Callable[[Ack | None], None],
-                 connection: Callable[[], int] = lambda: 0):
+                 connection: Callable[[], int] = lambda: 0, shares: LineShares | None = None):
         self.topics = topics
         self.limits = limits
         self.metrics = metrics
@@ -61,6 +103,7 @@ class Ingest:
         self.refusals = refusals  # FrameFailures the sink must audit before they are acked
         self._ack = ack
         self._connection = connection
+        self.shares = shares or LineShares(work.maxsize or 1)
 
     def on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         # Whatever a payload holds, the worst it may get is an error record: never let an
@@ -84,6 +127,8 @@ class Ingest:
             return
         now = time.time()
         props = getattr(message.properties, "UserProperty", None) if message.properties else None
+        if self._refused_before_decode(message, props, ack):
+            return
         try:
             frame = decode_frame(message.topic, message.payload, props, self.limits,
                                  self.topics.prefix, now=now)
@@ -97,6 +142,31 @@ class Ingest:
         frame.redelivered = bool(getattr(message, "dup", False))
         self.metrics.observe_received(frame.line)
         self._enqueue(frame, frame.line)
+
+    def _refused_before_decode(self, message: mqtt.MQTTMessage, props, ack: Ack | None) -> bool:
+        """Refuse without decoding when the queue (or the line's share of it) is full and the
+        frame's id is known without decoding (MQTT 5 user property, or a raw image's own hash);
+        a JSON envelope must be parsed for its id, so it takes the ordinary path."""
+        try:
+            line = parse_line_id(message.topic, self.topics.prefix, self.limits.line_id_pattern)
+        except FrameError:
+            return False  # the decode path answers it as bad_line_id
+        full = self.work.full()
+        if not full and self.shares.admits(line):
+            return False
+        frame_id = dict(props or {}).get("frame_id")
+        if not is_valid_id(frame_id):
+            if _JSON_START.match(message.payload[:64]):
+                return False
+            frame_id = derive_frame_id(message.payload)
+        reason = "queue full" if full else "line over its fair share of the queue"
+        self.metrics.observe_received(line)
+        self.metrics.observe_drop(line, "queue_full")
+        logger.error("%s (%d waiting): refused frame %s of line %s before decoding", reason, self.work.qsize(),
+                     ascii(frame_id), line)
+        self._refuse(FrameFailure(reason="queue_full", detail=f"service busy: {reason}", line=line,
+                                  frame_id=frame_id, received_at=time.time(), ack=ack))
+        return True
 
     def _reset(self, message: mqtt.MQTTMessage, ack: Ack | None) -> None:
         topic = message.topic
@@ -115,12 +185,17 @@ class Ingest:
         self._enqueue(ResetCommand(line, ack, time.time()), line)
 
     def _enqueue(self, item: WorkItem, line: str | None) -> None:
+        counted = not isinstance(item, ResetCommand)
+        if counted:
+            self.shares.added(line)
         try:
             self.work.put_nowait(item)
         except queue.Full:
+            if counted:
+                self.shares.removed(line)
             if isinstance(item, ResetCommand):  # unacked: the broker redelivers it
-                logger.error("queue full (%d): reset of line %s not taken now; the broker redelivers it",
-                             self.work.maxsize, line)
+                logger.error("queue full (%d): reset of line %s not taken; it stays unacked and the broker "
+                             "redelivers it after the next reconnect", self.work.maxsize, line)
                 return
             frame_id = getattr(item, "frame_id", None)
             self.metrics.observe_drop(line, "queue_full")

@@ -33,7 +33,7 @@ from musc_stream.config import Settings
 from musc_stream.dedupe import RecentIds, decided_in_audit, last_decisions
 from musc_stream.engine import Engine, EngineConfig
 from musc_stream.heartbeat import Heartbeat
-from musc_stream.ingest import Ack, Ingest, ResetCommand, WorkItem
+from musc_stream.ingest import Ack, Ingest, LineShares, ResetCommand, WorkItem
 from musc_stream.model.backbone import Backbone, BackboneSpec, load_backbone
 from musc_stream.mqtt import Topics, connect_kwargs, create_client, offline_payload
 from musc_stream.records import Decision, Frame, FrameFailure
@@ -109,6 +109,7 @@ class Service:
         self.topics = Topics(settings.mqtt)
         self.work: queue.Queue[WorkItem] = queue.Queue(maxsize=settings.engine.queue_size)
         self.refusals: queue.Queue[FrameFailure] = queue.Queue(maxsize=_REFUSALS)
+        self.shares = LineShares(settings.engine.queue_size)  # per-line fair share of `work`
         self.stop_event = threading.Event()
         self.subscribed = threading.Event()
         self.refused: str | None = None  # the broker's reason, when it refused us for good
@@ -267,7 +268,7 @@ class Service:
         self.client = create_client(s)
         self.publisher = MqttPublisher(self.client, self.topics, s.instance, s.qos, s.heatmap_mode)
         ingest = Ingest(self.topics, self.settings.frames, self.metrics, self.work, self.refusals,
-                        ack=self._ack, connection=lambda: self._connection)
+                        ack=self._ack, connection=lambda: self._connection, shares=self.shares)
         self.client.on_message = ingest.on_message
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
@@ -352,7 +353,7 @@ class Service:
             except queue.Empty:
                 break
         try:
-            items.append(self.work.get(timeout=0.05 if items else 0.2))
+            items.append(self._take(timeout=0.05 if items else 0.2))
         except queue.Empty:
             return items
         max_age = self.settings.engine.max_age_s
@@ -366,7 +367,7 @@ class Service:
         while frames < self.settings.model.batch_size:
             remaining = deadline - time.monotonic()
             try:
-                item = self.work.get(timeout=remaining) if remaining > 0 else self.work.get_nowait()
+                item = self._take(timeout=remaining) if remaining > 0 else self._take(timeout=None)
             except queue.Empty:
                 break
             items.append(item)
@@ -375,6 +376,13 @@ class Service:
             frames += fresh(item)
         self.metrics.set_queue_depth(self.work.qsize())
         return items
+
+    def _take(self, timeout: float | None) -> WorkItem:
+        """One item off the work queue (``timeout=None``: only if one is there now)."""
+        item = self.work.get(timeout=timeout) if timeout is not None else self.work.get_nowait()
+        if not isinstance(item, ResetCommand):
+            self.shares.removed(item.line)
+        return item
 
     def _loop(self) -> None:
         interval = systemd.watchdog_interval_s()
