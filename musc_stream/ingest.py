@@ -104,6 +104,32 @@ class Ingest:
         self._ack = ack
         self._connection = connection
         self.shares = shares or LineShares(work.maxsize or 1)
+        # Decode stage: jobs numbered on the network thread, decoded by workers, enqueued strictly
+        # in arrival order (a reset never overtakes a frame that came before it).
+        self._jobs: queue.Queue = queue.Queue(maxsize=4)
+        self._next_job = 0
+        self._turn = 0
+        self._order = threading.Condition()
+        self._workers: list[threading.Thread] = []
+
+    def start(self, workers: int = 2) -> None:
+        """Decode on ``workers`` threads instead of paho's network thread (0: decode inline)."""
+        for i in range(workers):
+            thread = threading.Thread(target=self._decode_loop, name=f"musc-decode-{i}", daemon=True)
+            thread.start()
+            self._workers.append(thread)
+
+    def stop(self) -> None:
+        """End the decode workers once the jobs already taken are enqueued (call after paho stopped)."""
+        for _ in self._workers:
+            self._jobs.put(None)
+        for thread in self._workers:
+            thread.join(timeout=10)
+        self._workers = []
+
+    @property
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._workers)
 
     def on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         # Whatever a payload holds, the worst it may get is an error record: never let an
@@ -129,19 +155,56 @@ class Ingest:
         props = getattr(message.properties, "UserProperty", None) if message.properties else None
         if self._refused_before_decode(message, props, ack):
             return
+        self._submit(lambda: self._decode(message, props, ack, now))
+
+    def _decode(self, message: mqtt.MQTTMessage, props, ack: Ack | None, now: float) -> tuple[WorkItem, str | None]:
         try:
             frame = decode_frame(message.topic, message.payload, props, self.limits,
                                  self.topics.prefix, now=now)
         except FrameError as exc:
-            failure = exc.to_failure(received_at=now, ack=ack)
             self.metrics.observe_received(exc.line)
             logger.warning("frame refused on %s (id %s): %s", ascii(message.topic), ascii(exc.frame_id), exc)
-            self._enqueue(failure, exc.line)
-            return
+            return exc.to_failure(received_at=now, ack=ack), exc.line
+        except Exception:  # noqa: BLE001 - whatever a payload holds, the worst it gets is an error
+            logger.exception("internal error decoding a message on %s; answered as an error", ascii(message.topic))
+            return FrameFailure("internal_error", "internal error decoding this message; see service log",
+                                None, None, now, ack), None
         frame.ack = ack
         frame.redelivered = bool(getattr(message, "dup", False))
         self.metrics.observe_received(frame.line)
-        self._enqueue(frame, frame.line)
+        return frame, frame.line
+
+    def _submit(self, job: Callable[[], tuple[WorkItem, str | None]]) -> None:
+        """Number a job and hand it to the decode workers (waits while all are busy: back-pressure
+        to the broker), or run it here when there are none."""
+        if not self._workers:
+            self._enqueue(*job())
+            return
+        self._jobs.put((self._next_job, job))
+        self._next_job += 1
+
+    def _decode_loop(self) -> None:
+        while True:
+            entry = self._jobs.get()
+            if entry is None:
+                return
+            seq, job = entry
+            try:
+                result = job()
+            except Exception:  # noqa: BLE001 - a payload must never end a decode worker
+                logger.exception("internal error decoding a frame; answered as an error")
+                result = None
+                self._refuse(FrameFailure("internal_error", "internal error decoding this message; see service log",
+                                          None, None, time.time(), None))
+            with self._order:
+                while self._turn != seq:
+                    self._order.wait()
+                try:
+                    if result is not None:
+                        self._enqueue(*result)
+                finally:
+                    self._turn += 1
+                    self._order.notify_all()
 
     def _refused_before_decode(self, message: mqtt.MQTTMessage, props, ack: Ack | None) -> bool:
         """Refuse without decoding when the queue (or the line's share of it) is full and the
@@ -182,7 +245,8 @@ class Ingest:
             logger.warning("ignoring reset command on %s: %s", ascii(topic), exc.detail)
             self._ack(ack)
             return
-        self._enqueue(ResetCommand(line, ack, time.time()), line)
+        command = ResetCommand(line, ack, time.time())
+        self._submit(lambda: (command, line))
 
     def _enqueue(self, item: WorkItem, line: str | None) -> None:
         counted = not isinstance(item, ResetCommand)

@@ -1,6 +1,7 @@
 """The service: wiring, lifecycle, the engine thread's loop, signals and systemd notify.
 
-Stages (threads): paho's network thread (decode, validate, enqueue); the scoring stage, which
+Stages (threads): paho's network thread (routing, cheap checks, refusal before decode); two decode
+workers (JPEG/PNG decode and validation, enqueued in arrival order); the scoring stage, which
 alone owns the engine and the line state (dedupe, backbone, scoring, resets, snapshots); the sink
 stage, which owns the audit and the spool (spool → audit → publish → ack), so scoring never waits
 on disk or the network; the metrics HTTP thread. Ingest and scoring meet in one bounded queue
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 _RECENT_IDS = 100_000  # decided (line, frame_id) pairs remembered to answer duplicates
 _REFUSALS = 10_000  # refused frames waiting for their audit row
+_DECODE_WORKERS = 2  # JPEG/PNG decode threads (PIL releases the GIL while decoding)
 # CONNACK reasons no retry can cure: client id invalid, bad user/password, not authorized, banned,
 # bad auth method (MQTT 5 codes; paho maps MQTT 3.1.1's 2, 4, 5 onto them).
 _PERMANENT_REFUSALS = {0x85, 0x86, 0x87, 0x8A, 0x8C}
@@ -136,6 +138,7 @@ class Service:
         self.audit: AuditLog | None = None
         self.spool: FrameSpool | None = None
         self.publisher: MqttPublisher | None = None
+        self.ingest: Ingest | None = None
         self.frames_done = 0
         self._rate_mark = (time.monotonic(), 0)
         self._problem: str | None = None  # shown in systemd STATUS while it lasts
@@ -215,6 +218,8 @@ class Service:
         code = 0
         while not self.stop_event.wait(0.5):
             dead = [t.name for t in (self._thread, self._sink_thread) if t is not None and not t.is_alive()]
+            if self.ingest is not None and not self.ingest.alive:
+                dead.append("a decode")
             if dead:
                 reason = self.fatal or f"{' and '.join(dead)} thread died unexpectedly (see the traceback above)"
                 logger.critical("stopping: %s", reason)
@@ -252,6 +257,8 @@ class Service:
                     pass
             self.client.disconnect()
             self.client.loop_stop()
+        if self.ingest is not None:
+            self.ingest.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         logger.info("service stopped after %d frames", self.frames_done)
@@ -269,6 +276,8 @@ class Service:
         self.publisher = MqttPublisher(self.client, self.topics, s.instance, s.qos, s.heatmap_mode)
         ingest = Ingest(self.topics, self.settings.frames, self.metrics, self.work, self.refusals,
                         ack=self._ack, connection=lambda: self._connection, shares=self.shares)
+        self.ingest = ingest
+        ingest.start(workers=_DECODE_WORKERS)
         self.client.on_message = ingest.on_message
         self.client.on_connect = self._on_connect
         self.client.on_connect_fail = self._on_connect_fail
