@@ -162,9 +162,11 @@ def test_service_without_credentials_is_refused_and_stops_cleanly(tls_broker: Tl
         service.start(ready_timeout_s=60)
     # It got through the TLS handshake and the broker turned it away with CONNACK "Not
     # authorized" (not, say, a certificate error), and the service logged why.
+    where = f"broker {tls_broker.host}:{tls_broker.port}"
     refusals = [r.getMessage() for r in caplog.records if r.name == "musc_stream.service"
-                and r.getMessage().startswith("broker refused connection")]
-    assert refusals and set(refusals) == {"broker refused connection: Not authorized"}, refusals
+                and r.getMessage().startswith(f"{where} refused")]
+    assert refusals, [r.getMessage() for r in caplog.records]
+    assert all(m.startswith(f"{where} refused the connection: Not authorized") for m in refusals), refusals
     service.stop()  # a second stop is harmless
     # The failed start left no reconnect loop behind and freed the metrics port (a supervisor that
     # retries start() must not leak either).
