@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import deque
 import re
 import shutil
 import time
@@ -68,7 +69,8 @@ Fusion = Literal["mean", "max"]
 ImageScore = Literal["max", "topk", "smooth"]
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
 _TOPK_FRACTION = 0.01  # "topk" image score: mean of the top 1 % of pixels of the upsampled map
-_WARMUP_OUTLIER_K = 3.0  # warm-up frames above median + 3 robust σ of the warm-up stay out of memory
+_WARMUP_OUTLIER_K = 3.0
+_LEVEL_HISTORY = 32  # frames whose median patch score set a line's usual level (drift detection)  # warm-up frames above median + 3 robust σ of the warm-up stay out of memory
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class EngineConfig:
     aligned: bool = False
     aligned_radius: int = 1
     drift_threshold: float | None = 0.25  # 1 − best cosine to the window; None disables detection
+    drift_ratio: float | None = 1.5  # median patch score over the line's usual; None disables it
     drift_patience: int = 3
     memory_enabled: bool = True
     memory_r_list: tuple[int, ...] = (3,)  # LNAMD degrees whose sets enter the memory (cost ∝ sets)
@@ -122,7 +125,7 @@ class EngineConfig:
             r_list=tuple(mo.r_list), topmin_max=mo.topmin_max, score_mode=e.score_mode,
             fusion=getattr(e, "fusion", "mean"), image_score=getattr(e, "image_score", "max"),
             aligned=e.aligned, aligned_radius=e.aligned_radius, drift_threshold=e.drift_threshold,
-            drift_patience=getattr(e, "drift_patience", 3),
+            drift_patience=getattr(e, "drift_patience", 3), drift_ratio=getattr(e, "drift_ratio", 1.5),
             memory_enabled=m.enabled, memory_r_list=tuple(m.r_list), memory_max_patches=m.max_patches_per_line,
             memory_patches_per_frame=m.patches_per_frame, memory_max_age_s=m.max_age_s,
             memory_k=m.k, memory_use_gpu=use_gpu,
@@ -200,6 +203,7 @@ class LineState:
         )
         self.warmup_scores: list[float] = []  # window scores of this regime's warm-up frames
         self.suspects: list[_Embedded] = []  # the current drift run, kept out of the window
+        self.levels: deque[float] = deque(maxlen=_LEVEL_HISTORY)  # median patch score of recent frames
         self.changeover_pending = False
         self.changeovers = 0
 
@@ -235,6 +239,7 @@ class LineState:
         self.window = _Window(self.config.window_size)
         self.pending.clear()
         self.suspects.clear()
+        self.levels.clear()
         self.warmup_scores.clear()
         if self.memory is not None:
             self.memory.clear()
@@ -313,9 +318,10 @@ class Engine:
             if len(state.window) + len(state.pending) < self.config.min_references:
                 return []  # keep holding until min_references frames can score each other
             return self._score_pending(state)
-        drifting = self._drifts(state, item)
         start = time.perf_counter()
         window_map = self._window_map(state, item.sets)
+        level = float(window_map.median())
+        drifting = self._drifts(state, item, level)
         memory_map = self._memory_map(state, item.sets) if self._memory_scores() else None
         patch_map = self._combine(window_map, memory_map)
         steady = state.steady
@@ -329,6 +335,7 @@ class Engine:
                 decision.changeover = True
             return [decision]
         state.suspects.clear()  # a frame like the window ends any drift run
+        state.levels.append(level)
         if state.changeover_pending:
             decision.changeover = True
             state.changeover_pending = False
@@ -361,6 +368,7 @@ class Engine:
             decisions[0].changeover = True
             state.changeover_pending = False
         for item, decision, patch_map in zip(held, decisions, patch_maps):
+            state.levels.append(float(patch_map.median()))
             self._remember(state, item, decision, window_score=float(patch_map.max()), steady=False)
         return decisions
 
@@ -408,12 +416,17 @@ class Engine:
             return torch.maximum(window_map, memory_on_window_scale)
         return 0.5 * (window_map + memory_on_window_scale)
 
-    def _drifts(self, state: LineState, item: _Embedded) -> bool:
-        """Is this frame unlike every frame of the (frozen) window?"""
+    def _drifts(self, state: LineState, item: _Embedded, level: float) -> bool:
+        """Is this frame unlike the (frozen) window as a whole? Either its median patch is far from
+        the window (``drift_ratio`` × the line's usual median patch score: a defect moves a few
+        patches, a new product moves them all), or its image feature is far from every window
+        frame (cosine distance above ``drift_threshold``)."""
+        ratio = self.config.drift_ratio
+        if ratio is not None and len(state.levels) >= self.config.min_references:
+            if level > ratio * float(np.median(state.levels)):
+                return True
         limit = self.config.drift_threshold
-        if limit is None:
-            return False
-        return 1.0 - state.window.best_similarity(item.image_feature) > limit
+        return limit is not None and 1.0 - state.window.best_similarity(item.image_feature) > limit
 
     def _changeover(self, state: LineState) -> None:
         suspects = list(state.suspects)
