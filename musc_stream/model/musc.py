@@ -22,7 +22,8 @@ RSCIN_FEATURES = ("normalised", "raw")
 
 @dataclass(frozen=True)
 class MuscSettings:
-    """Knobs of batch MuSc; defaults are the reference's MVTec settings (§1, §4, §6.2)."""
+    """Knobs of batch MuSc; defaults are the reference's MVTec settings (§1, §4, §6.2), except that
+    RsCIN compares L2-normalised image features for every backbone (``rscin_features``)."""
 
     r_list: tuple[int, ...] = (1, 3, 5)
     topmin_max: float = 0.3
