@@ -112,6 +112,7 @@ class Service:
         self.work: queue.Queue[WorkItem] = queue.Queue(maxsize=settings.engine.queue_size)
         self.refusals: queue.Queue[FrameFailure] = queue.Queue(maxsize=_REFUSALS)
         self.shares = LineShares(settings.engine.queue_size)  # per-line fair share of `work`
+        self._changeovers: dict[str, dict] = {}  # line → last changeover, on the status topic
         self.stop_event = threading.Event()
         self.subscribed = threading.Event()
         self.refused: str | None = None  # the broker's reason, when it refused us for good
@@ -322,6 +323,7 @@ class Service:
         self.publisher.publish_status(
             model=f"{model.spec.name}@{model.image_size}" if model else "",
             weights=model.weights_label if model else "",
+            extra={"changeovers": dict(self._changeovers)},
         )
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -504,6 +506,9 @@ class Service:
             self._scoring_failed(frames, exc, out, spool_paths)
             return
         self._consecutive_failures = 0
+        changed = [d for d in decisions if d.changeover]
+        if changed:
+            self._guard("status", lambda: self._announce_changeovers(changed))
         for d in decisions:
             key = _key(d)
             if key in new:
@@ -528,6 +533,18 @@ class Service:
                 out.to_spool.append(held)
         self._reconcile({f.line for f in frames}, out, "dropped_by_engine",
                         "the engine dropped this frame while it was held for warm-up")
+
+    def _announce_changeovers(self, decisions: list[Decision]) -> None:
+        """A product changeover (reset command or detected drift) goes on the retained status topic,
+        so an operator's dashboard sees which line re-learns its product and since when."""
+        for d in decisions:
+            self._changeovers[d.line] = {"frame_id": d.frame_id, "at": d.decided_at,
+                                         "detected": d.drift_suspected}
+            logger.warning("line %s: product changeover at frame %s (%s); the line warms up again",
+                           d.line, ascii(d.frame_id), "detected" if d.drift_suspected else "reset command")
+        model = self.engine.backbone
+        self.publisher.publish_status(model=f"{model.spec.name}@{model.image_size}", weights=model.weights_label,
+                                      extra={"changeovers": dict(self._changeovers)})
 
     def _scoring_failed(self, frames: list[Frame], exc: Exception, out: _Outcome,
                         spool_paths: dict[Key, Path]) -> None:
@@ -656,8 +673,9 @@ class Service:
             if f.reason in _DROPS:
                 if f.reason != "queue_full":  # counted by ingest when it refused the frame
                     self.metrics.observe_drop(f.line, f.reason)
-                with self._beat_lock:
-                    self._heartbeat.dropped(f.line)
+                if f.reason in ("queue_full", "stale"):  # the line gets more than it can be given
+                    with self._beat_lock:
+                        self._heartbeat.dropped(f.line)
             else:
                 self.metrics.observe_failure(f)
         for ack in out.acks:

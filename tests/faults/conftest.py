@@ -59,15 +59,17 @@ def pytest_sessionfinish(session, exitstatus):
         "published: frames the cameras sent; acked: frames the broker acknowledged to the cameras (what the "
         "service owes an answer); decided: acked frames with exactly one decision row in the Parquet audit; "
         "other: acked frames answered by a drop/failure row instead (reason in notes); lost: acked frames "
-        "with no audit row; twice: frames with two decision rows or two result messages.",
+        "with no audit row; twice: frames with two decision rows (results are at least once, see README).",
         "",
         "| test | MQTT | published | acked | decided | other | lost | twice | notes |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, protocol, led, notes in _ROWS:
         other = ", ".join(f"{k} {v}" for k, v in sorted(led.reasons.items()))
-        extra = "; ".join(x for x in (other, f"{led.no_result} result message(s) missing" if led.no_result else "",
-                                      notes) if x)
+        extra = "; ".join(x for x in (
+            other, f"{led.no_result} result message(s) missing" if led.no_result else "",
+            f"{led.results_repeated} result(s) sent twice (a redelivery after the kill)" if led.results_repeated else "",
+            notes) if x)
         lines.append(f"| {name} | {protocol} | {led.published} | {led.acked} | {led.decided} | "
                      f"{led.answered_other} | {len(led.lost)} | {len(led.twice)} | {extra} |")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -262,8 +262,9 @@ class Ledger:
     decided: int  # acked frames with exactly one decision row
     answered_other: int  # acked frames answered only by a failure/drop row (reason in notes)
     lost: list[str]  # acked frames with no audit row at all
-    twice: list[str]  # frames with more than one decision row or more than one result
+    twice: list[str]  # frames with more than one decision row
     no_result: int  # decided frames whose result message did not arrive
+    results_repeated: int  # frames whose result came twice (results are at least once: README)
     reasons: dict[str, int] = field(default_factory=dict)
 
 
@@ -301,7 +302,7 @@ def ledger(fleet: Fleet, audit_dir: Path, results: Results) -> Ledger:
         if name not in decisions:
             for reason in others.get(name, []):
                 reasons[reason] = reasons.get(reason, 0) + 1
-    twice = sorted({n for n, c in decisions.items() if c > 1} | {n for n, c in results.results.items() if c > 1})
+    twice = sorted(n for n, c in decisions.items() if c > 1)
     return Ledger(
         published=len(fleet.published), acked=len(acked),
         decided=sum(1 for n in acked if decisions.get(n) == 1),
@@ -309,6 +310,7 @@ def ledger(fleet: Fleet, audit_dir: Path, results: Results) -> Ledger:
         lost=sorted(n for n in acked if n not in decisions and n not in others),
         twice=twice,
         no_result=sum(1 for n in decisions if n not in results.results),
+        results_repeated=sum(1 for c in results.results.values() if c > 1),
         reasons=reasons,
     )
 
