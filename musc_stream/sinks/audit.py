@@ -95,6 +95,8 @@ AUDIT_SCHEMA = pa.schema([
     ("is_anomaly", pa.bool_()),
     ("warmup", pa.bool_()),
     ("changeover", pa.bool_()),
+    ("drift_suspected", pa.bool_()),  # unlike the window: part of a possible product change
+    ("target_false_alarms_per_1000", pa.float64()),  # the threshold's operating point
     ("regions", pa.list_(REGION_TYPE)),
     ("latency_s", LATENCY_TYPE),
     ("window_size", pa.int32()),
@@ -185,6 +187,8 @@ class AuditLog:
             "is_anomaly": d.is_anomaly,
             "warmup": d.warmup,
             "changeover": d.changeover,
+            "drift_suspected": d.drift_suspected,
+            "target_false_alarms_per_1000": d.target_false_alarms_per_1000,
             "regions": [_region_row(r) for r in d.regions],
             "latency_s": latency,
             "window_size": d.window_size,

@@ -44,6 +44,8 @@ def result_record(d: Decision, instance: str) -> dict[str, Any]:
         "is_anomaly": d.is_anomaly,
         "warmup": d.warmup,
         "changeover": d.changeover,
+        "drift_suspected": d.drift_suspected,
+        "target_false_alarms_per_1000": d.target_false_alarms_per_1000,
         "window_score": None if d.window_score is None else round(d.window_score, 6),
         "memory_score": None if d.memory_score is None else round(d.memory_score, 6),
         "regions": [r.as_dict() for r in d.regions],
