@@ -236,11 +236,16 @@ class EngineSettings(_Section):
     drift_threshold: float | None = Field(0.25, gt=0, le=2, description="Cosine distance between a frame's "
                                           "image feature and the window mean that counts as a product "
                                           "changeover (line reset). null: never.")
+    drift_ratio: float | None = Field(1.5, gt=1, description="A frame whose median patch score exceeds this "
+                                      "many times the line's usual median counts as drifting (a defect moves a "
+                                      "few patches, a new product all of them). null: only drift_threshold.")
     drift_patience: int = Field(3, ge=1, description="Frames in a row unlike the window that make a product "
                                 "changeover: the line resets and those frames seed its new window. They are "
                                 "scored against the window frozen before the run and flagged drift_suspected.")
-    fusion: Literal["mean", "max"] = Field("mean", description="combined mode: how the window map and the "
+    fusion: Literal["mean", "max"] = Field("max", description="combined mode: how the window map and the "
                                            "memory map (rescaled onto the window's scale) are fused per patch.")
+    memory_weight: float = Field(0.9, gt=0, le=2, description="fusion max: weight of the rescaled memory map "
+                                 "(below 1 keeps the memory's noise on normal frames under the window's).")
     image_score: Literal["max", "topk", "smooth"] = Field("max", description="Image score from the patch map: "
                                                           "max (batch MuSc's), mean of the top 1 % pixels, or max "
                                                           "after a 3x3 patch smoothing.")
