@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from musc_stream.datasets import Sample, discover, load_image, load_mask
+from musc_stream.datasets import Sample, camera_setup, discover, load_image, load_mask
 from musc_stream.engine import Engine, EngineConfig
 from musc_stream.metrics import image_metrics, pixel_metrics
 from musc_stream.model.backbone import Backbone, Features
@@ -36,7 +35,6 @@ from musc_stream.records import Frame
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-_SETUP = re.compile(r"^(exp\d+)_")
 CHANGEOVER_FRAMES = 30  # alerts are counted over this many frames after an unannounced change
 
 
@@ -54,12 +52,6 @@ class StreamLine:
     @property
     def labels(self) -> np.ndarray:
         return np.array([s.label for s in self.samples], dtype=np.int64)
-
-
-def camera_setup(sample: Sample) -> str:
-    """The camera set-up a sample was taken with: ``expN`` for magnetic tiles, else its category."""
-    match = _SETUP.match(sample.path.name)
-    return match.group(1) if match else sample.category
 
 
 def _train_good(root: Path, category: str) -> list[Sample]:
@@ -143,6 +135,26 @@ def _stratified(defects: list[Sample], k: int, rng: random.Random) -> list[Sampl
             if by_type[t] and len(out) < k:
                 out.append(by_type[t].pop())
     return out
+
+
+def seeded_stream(samples: list[Sample], n_frames: int, anomaly_rate: float, seed: int) -> list[Sample]:
+    """The mixed-set-up stream of earlier benchmarks (stream_vs_batch.md, bench_rscin.py's "stream"
+    set): normal frames of any set-up with defective ones mixed in at ``anomaly_rate``. Lines of one
+    set-up, as a real line is, come from ``build_lines``.
+
+    The first frames of the stream are normal (a line starts on good parts); defects land at
+    seeded random positions after the warm-up of 5 frames.
+    """
+    rng = random.Random(seed)
+    normals = [s for s in samples if s.label == 0]
+    defects = [s for s in samples if s.label == 1]
+    n_defects = min(len(defects), round(n_frames * anomaly_rate))
+    n_normals = min(len(normals), n_frames - n_defects)
+    chosen_normals = rng.sample(normals, n_normals)
+    chosen_defects = rng.sample(defects, n_defects)
+    head, tail = chosen_normals[:5], chosen_normals[5:] + chosen_defects
+    rng.shuffle(tail)
+    return head + tail
 
 
 class PrecomputedBackbone:
@@ -311,13 +323,14 @@ def run_stream_eval(
             started = time.perf_counter()
             batch = musc_from_tokens(features.patch_tokens, features.image_features, batch_settings, (side, side))
             entry["batch_s_per_frame"] = (time.perf_counter() - started) / len(images)
-            entry["batch"] = {"rscin": image_metrics(labels, batch.scores.numpy())["auroc"],
+            entry["batch"] = {"rscin_windows": list(batch_settings.rscin_windows),
+                              "rscin": image_metrics(labels, batch.scores.numpy())["auroc"],
                               "no_rscin": image_metrics(labels, batch.raw_scores.numpy())["auroc"]}
         for mode in modes:
             progress(f"stream {mode} {line.name}", li, len(lines))
             engine = Engine(cached, replace(config, score_mode=mode, keep_maps=pixel))
             started = time.perf_counter()
-            result = replay_stream(engine, images, line=line.name, keep_maps=pixel and mode == config.score_mode)
+            result = replay_stream(engine, images, line=line.name, keep_maps=pixel)
             scoring_s = (time.perf_counter() - started) / len(images)
             counted = ~result.warmup
             metrics = operator_metrics(labels, result.scores, result.alerts, counted)
@@ -375,15 +388,16 @@ def _overall(rows: list[dict], modes: Sequence[str]) -> dict:
         normals = sum(m["normals"] for m in ms)
         defects = sum(m["defects"] for m in ms)
         fa = sum(m["false_alarms"] for m in ms)
-        caught = sum(round(m["recall"] * m["defects"]) for m in ms)
-        best = sum(round(m.get("best_fixed_recall", 0.0) * m["defects"]) for m in ms)
+        caught = sum(_count(m.get("recall"), m["defects"]) for m in ms)
+        best = sum(_count(m.get("best_fixed_recall"), m["defects"]) for m in ms)
         out[mode] = {"normals": normals, "defects": defects, "false_alarms": fa,
                      "fa_per_1000": 1000.0 * fa / max(1, normals), "recall": caught / max(1, defects),
                      "best_fixed_recall": best / max(1, defects),
                      "mean_line_auroc": float(np.mean([m.get("image_auroc", np.nan) for m in ms]))}
     batch = [r["batch"] for r in rows if "batch" in r]
     if batch:
-        out["batch"] = {k: float(np.mean([b[k] for b in batch])) for k in batch[0]}
+        out["batch"] = {k: float(np.mean([b[k] for b in batch])) for k in ("rscin", "no_rscin")}
+        out["batch"]["rscin_windows"] = batch[0]["rscin_windows"]
     ch = [r["changeover"] for r in rows if "changeover" in r]
     if ch:
         out["changeover"] = {
@@ -392,6 +406,11 @@ def _overall(rows: list[dict], modes: Sequence[str]) -> dict:
             "max_alerts_in_30": max(c["alerts_in_30"] for c in ch),
         }
     return out
+
+
+def _count(rate: float | None, total: int) -> int:
+    """Frames behind a rate (0 when the rate is undefined: no frame of that kind was counted)."""
+    return 0 if rate is None or not np.isfinite(rate) else round(rate * total)
 
 
 def _config_summary(config: EngineConfig) -> dict:
@@ -435,7 +454,8 @@ def stream_report_markdown(result: dict) -> str:
                      f"{_pct(m['best_fixed_recall'])} | {_pct(m['mean_line_auroc'])} |")
     if "batch" in result["overall"]:
         b = result["overall"]["batch"]
-        lines += ["", f"Batch MuSc on the same frames, mean line image AUROC: RsCIN {_pct(b['rscin'])}, "
+        lines += ["", f"Batch MuSc on the same frames, mean line image AUROC: RsCIN {b['rscin_windows']} "
+                  f"{_pct(b['rscin'])}, "
                   f"no RsCIN {_pct(b['no_rscin'])}."]
     ch = [r for r in result["lines"] if "changeover" in r]
     if ch:

@@ -84,13 +84,18 @@ def test_eval_writes_reports_and_heatmap_grid(tmp_path):
 def test_eval_stream_reports_batch_and_streaming_rows(tmp_path):
     root = make_mvtec(tmp_path / "d", n_good=14, n_bad=4)
     out = tmp_path / "out"
-    result = musc("eval", str(root), "--stream", "--frames", "18", "--anomaly-rate", "0.2", "--windows", "6",
+    result = musc("eval", str(root), "--stream", "--frames", "18", "--anomaly-rate", "0.2", "--window", "6",
                   "--model", "random-vit-tiny", "--pretrained", "none", "--out", str(out))
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "stream_report.json").read_text())
-    modes = [row["mode"] for row in report["rows"]]
-    assert modes[0].startswith("batch MuSc") and {"stream window", "stream memory", "stream combined"} <= set(modes)
-    assert all(0.0 <= row["auroc"] <= 1.0 for row in report["rows"])
+    (line,) = report["lines"]
+    assert line["frames"] == 17 and line["defects"] == 3  # the rate honoured exactly: round(17 * 0.2)
+    assert set(line["modes"]) == {"window", "memory", "combined"}
+    assert 0.0 <= line["batch"]["no_rscin"] <= 1.0
+    for mode in line["modes"].values():
+        assert mode["warmup_frames"] >= 6 and mode["frames"] == 17 - mode["warmup_frames"]
+        assert 0.0 <= mode["auroc_all_frames"] <= 1.0 and "pixel_auroc" in mode
+    assert "| line | mode |" in (out / "stream_report.md").read_text()
 
 
 def test_config_masks_secrets():
