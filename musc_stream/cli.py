@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo-output", help="folder for alerts, heatmaps, audit, summary")
     p.add_argument("--data", default=str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None,
                    help="magnetic_tile folder (default ../shared/data/magnetic_tile; textures when absent)")
-    p.add_argument("--frames", type=int, default=48, help="frames to stream")
+    p.add_argument("--frames", type=int, default=120, help="frames to stream (both lines together)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--config", default=os.environ.get("MUSC_CONFIG"), help="TOML settings file")
     p.set_defaults(func=cmd_demo)

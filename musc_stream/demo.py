@@ -48,9 +48,9 @@ class Collected:
 
 
 def magnetic_tile_frames(root: Path, n_frames: int, defect_rate: float, seed: int,
-                         group: str = "exp1") -> list[DemoFrame]:
+                         group: str = "exp1", head: int = 8) -> list[DemoFrame]:
     """Real frames of one capture set-up (``group``, e.g. exp1: one camera and lighting, as on a
-    line): MT_Free with defects mixed in after the first 8 frames, seeded."""
+    line): MT_Free with defects mixed in after the first ``head`` frames (the line's warm-up), seeded."""
     rng = random.Random(seed)
     free = sorted((root / "MT_Free" / "Imgs").glob(f"{group}_*.jpg"))
     defects = sorted(p for d in ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
@@ -58,9 +58,9 @@ def magnetic_tile_frames(root: Path, n_frames: int, defect_rate: float, seed: in
     n_def = max(1, round(n_frames * defect_rate))
     normals = rng.sample(free, n_frames - n_def)
     chosen = rng.sample(defects, n_def)
-    tail = [(p, 0) for p in normals[8:]] + [(p, 1) for p in chosen]
+    tail = [(p, 0) for p in normals[head:]] + [(p, 1) for p in chosen]
     rng.shuffle(tail)
-    ordered = [(p, 0) for p in normals[:8]] + tail
+    ordered = [(p, 0) for p in normals[:head]] + tail
     return [DemoFrame(f"{p.parent.parent.name.removeprefix('MT_')}-{p.stem}", p.read_bytes(), label,
                       p.parent.parent.name.removeprefix("MT_")) for p, label in ordered]
 
@@ -121,17 +121,22 @@ def _print_progress(record: dict, done: int, expected: int) -> None:
           f"threshold {threshold:>6}  {flag}", flush=True)
 
 
-def run_demo(out_dir: Path, data_root: Path | None, n_frames: int = 48, defect_rate: float = 0.15,
+def run_demo(out_dir: Path, data_root: Path | None, n_frames: int = 120, defect_rate: float = 0.15,
              seed: int = 7, settings: Settings | None = None) -> dict:
     """Run the whole demo; returns the summary dict (also written to summary.md/json)."""
     from musc_stream.service import Service
 
     out_dir.mkdir(parents=True, exist_ok=True)
     per_line = max(10, n_frames // 2)
+    base = settings or load_settings(None, env={})
+    # A line alerts once its window is full and its threshold has min_history steady scores; the
+    # demo's defects come after that, so each one is decided at the line's own threshold.
+    warmup = base.engine.window_size + base.threshold.min_history
     if data_root is not None and (data_root / "MT_Free").is_dir():
         # Two lines, each one capture set-up of the data set, interleaved as two cameras would be.
-        line_a = magnetic_tile_frames(data_root, per_line, defect_rate, seed, group="exp1")
-        line_b = magnetic_tile_frames(data_root, per_line, defect_rate, seed + 1, group="exp4")
+        head = min(warmup, per_line - 1)
+        line_a = magnetic_tile_frames(data_root, per_line, defect_rate, seed, group="exp1", head=head)
+        line_b = magnetic_tile_frames(data_root, per_line, defect_rate, seed + 1, group="exp4", head=head)
         source = f"real magnetic-tile frames from {data_root} (line tile-a: set-up exp1, tile-b: exp4)"
     else:
         line_a = texture_frames(per_line, defect_rate, seed)
@@ -147,7 +152,6 @@ def run_demo(out_dir: Path, data_root: Path | None, n_frames: int = 48, defect_r
     frames.insert(30, DemoFrame("not-an-image", b"hello, this is not an image", -1, "text", "tile-b"))
     with LocalBroker() as broker:
         print(f"broker: {broker.kind} on {broker.host}:{broker.port} (MQTT {broker.protocol})", flush=True)
-        base = settings or load_settings(None, env={})
         s = base.model_copy(update={
             "mqtt": base.mqtt.model_copy(update={"host": broker.host, "port": broker.port,
                                                   "protocol": broker.protocol, "instance": "demo",
