@@ -402,7 +402,8 @@ class Engine:
         if state.memory_frames() < self.config.min_references:
             return None
         state.memory.expire(self.clock(), keep_newest=self._memory_floor())
-        score = state.memory.score(self._memory_sets(sets), k=self.config.memory_k)
+        radius = self.config.aligned_radius if self.config.aligned else None  # aligned applies here too
+        score = state.memory.score(self._memory_sets(sets), k=self.config.memory_k, aligned_radius=radius)
         return torch.as_tensor(score, dtype=torch.float32, device=next(iter(sets.values())).device)
 
     def _memory_floor(self) -> int:

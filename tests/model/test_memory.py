@@ -292,3 +292,28 @@ def test_saved_folder_holds_no_pickle(tmp_path):
     meta = json.loads((tmp_path / "m" / "memory.json").read_text())
     assert meta["metadata"]["backbone"] == META["backbone"]
     assert meta["dims"] == DIMS
+
+
+def test_aligned_search_only_matches_nearby_positions_and_survives_save_load(tmp_path):
+    """Aligned parts: a patch is compared only with stored patches from its own neighbourhood, so a
+    copy of a patch stored at the far corner of the grid does not excuse it."""
+    rng = np.random.default_rng(5)
+    stored = _frame(rng, num_patches=16)  # a 4×4 grid
+    memory = _memory()
+    memory.add(stored, 0.0)
+    query = {key: x.copy() for key, x in _frame(rng, num_patches=16).items()}
+    for key in query:
+        query[key][0] = stored[key][15]  # top-left query patch = bottom-right stored patch
+        query[key][5] = stored[key][6]  # (1, 1) = stored (1, 2): one patch away
+    free = memory.search(query)
+    aligned = memory.search(query, aligned_radius=1)
+    for key in DIMS:
+        assert free[key][0] < SAME and aligned[key][0] > 0.5
+        assert free[key][5] < SAME and aligned[key][5] < SAME
+        assert np.all(aligned[key] >= free[key] - 1e-6)  # a restricted search is never closer
+    memory.save(tmp_path / "m")
+    loaded = PatchMemory.load(tmp_path / "m", META, dims=DIMS, max_patches=1000, patches_per_frame=1000,
+                              max_age_s=None)
+    again = loaded.search(query, aligned_radius=1)
+    for key in DIMS:
+        np.testing.assert_allclose(again[key], aligned[key], atol=1e-6)
