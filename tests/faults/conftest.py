@@ -68,7 +68,7 @@ def pytest_sessionfinish(session, exitstatus):
         other = ", ".join(f"{k} {v}" for k, v in sorted(led.reasons.items()))
         extra = "; ".join(x for x in (
             other, f"{led.no_result} result message(s) missing" if led.no_result else "",
-            f"{led.results_repeated} result(s) sent twice (a redelivery after the kill)" if led.results_repeated else "",
+            f"{led.results_repeated} result message(s) arrived twice (QoS 1 resend or re-publish after a redelivery)" if led.results_repeated else "",
             notes) if x)
         lines.append(f"| {name} | {protocol} | {led.published} | {led.acked} | {led.decided} | "
                      f"{led.answered_other} | {len(led.lost)} | {len(led.twice)} | {extra} |")

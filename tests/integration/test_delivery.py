@@ -30,6 +30,13 @@ def _decided(rows):
     return sorted(f"{r['line']}/{r['frame_id']}" for r in rows if r["error_reason"] is None)
 
 
+def _wait(predicate, timeout_s=30):
+    deadline = time.monotonic() + timeout_s
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return predicate()
+
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_eight_lines_warming_up_together_never_stall_a_stock_broker(stock_broker, tmp_path, payloads, protocol):
     """8 lines x 4 frames are all held (32 > the broker's 20 in-flight): held frames are spooled
@@ -55,7 +62,7 @@ def test_eight_lines_warming_up_together_never_stall_a_stock_broker(stock_broker
         while len(_decided(audit_rows(tmp_path / "audit"))) < 40 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _decided(audit_rows(tmp_path / "audit")) == want
-        assert len(service.spool) == 0, "spool files must go once their decision is durable"
+        assert _wait(lambda: len(service.spool) == 0), "spool files must go once their decision is durable"
         assert sample_value(scrape(service.metrics_port), "musc_frames_held") == 0
     finally:
         camera.close()
@@ -87,7 +94,7 @@ def test_held_frames_survive_a_restart_and_ids_are_never_decided_twice(stock_bro
         camera.publish("h1", payloads[3], "g3")
         camera.publish("h1", payloads[4], "g4")  # g0..g2 come back from the spool: 5 references
         assert collector.wait_for(lambda c: len(c.results) >= 11 and len(c.errors) >= 3, 120)
-        assert len(service.spool) == 0
+        assert _wait(lambda: len(service.spool) == 0)
         text = scrape(service.metrics_port)
     finally:
         camera.close()
@@ -166,13 +173,6 @@ class _FlakyBackbone:
         return self._backbone.embed(images, batch_size=batch_size)
 
 
-def _wait(predicate, timeout_s=30):
-    deadline = time.monotonic() + timeout_s
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return predicate()
-
-
 def test_a_failed_batch_answers_every_frame_and_a_broken_model_stops_with_a_reason(stock_broker, tmp_path,
                                                                                  payloads):
     from musc_stream.service import backbone_from_settings
@@ -190,7 +190,7 @@ def test_a_failed_batch_answers_every_frame_and_a_broken_model_stops_with_a_reas
         flaky.broken = "embed"  # s3's batch fails before the engine saw it: s0..s2 stay held
         camera.publish("s1", payloads[3], "s3")
         assert collector.wait_for(lambda c: len(c.errors) >= 1, 60)
-        assert len(service._held) == 3 and len(service.spool) == 3
+        assert len(service._held) == 3 and _wait(lambda: len(service.spool) == 3)
         flaky.broken = None
         camera.publish("s1", payloads[4], "s4")
         assert _wait(lambda: len(service._held) == 4)
@@ -199,7 +199,8 @@ def test_a_failed_batch_answers_every_frame_and_a_broken_model_stops_with_a_reas
         assert collector.wait_for(lambda c: len(c.errors) >= 6, 60)
         assert sorted(e["frame_id"] for e in collector.errors) == ["s0", "s1", "s2", "s3", "s4", "s5"]
         assert {e["reason"] for e in collector.errors} == {"scoring_failed"}
-        assert len(service._held) == 0 and len(service.spool) == 0
+        assert len(service._held) == 0
+        assert _wait(lambda: len(service.spool) == 0)  # deleted by the sink right after the acks
         flaky.broken = None
         for n in range(5):
             camera.publish("s1", payloads[n], f"t{n}")
@@ -234,8 +235,8 @@ def test_housekeeping_errors_are_counted_and_survived(stock_broker, tmp_path, pa
     try:
         for n in range(6):
             camera.publish("k1", payloads[n], f"k{n}")
-        assert collector.wait_for(lambda c: len(c.results) >= 6, 60)
-        assert service._thread.is_alive()
+        assert collector.wait_for(lambda c: len(c.results) >= 6, 120), sorted(collector.results)
+        assert service._thread.is_alive() and service._sink_thread.is_alive()
         text = scrape(service.metrics_port)
         assert sample_value(text, "musc_housekeeping_errors_total", task="snapshot") >= 1
     finally:
