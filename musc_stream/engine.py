@@ -561,7 +561,10 @@ class Engine:
             history=self.config.threshold_history, default=self.config.threshold_default,
             override=self.config.threshold_overrides.get(name), k_mad=self.config.threshold_k_mad,
         )
-        threshold.load_state_dict(saved["threshold"])  # settings from config, history from disk
+        try:
+            threshold.load_state_dict(saved["threshold"])  # settings from config, history from disk
+        except ValueError as exc:  # another version: keep the memory, re-learn the threshold
+            logger.warning("line %s: threshold history not loaded (%s); it is learnt again", name, exc)
         memory = None
         if (line_dir / "memory").exists() and self.config.memory_enabled:
             try:

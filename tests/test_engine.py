@@ -1,6 +1,7 @@
 """Tests of the streaming engine with a small random backbone (weights do not matter here) and
 real texture photos from scikit-image."""
 
+import json
 import math
 import time
 
@@ -145,3 +146,60 @@ def test_state_from_another_model_is_refused(backbone, tmp_path):
 def test_memory_degrees_must_be_scored_degrees():
     with pytest.raises(ValueError):
         EngineConfig(r_list=(1, 3), memory_r_list=(5,))
+
+
+@pytest.mark.parametrize("damage", [
+    "threshold_truncated", "threshold_not_json", "threshold_no_line", "memory_meta_garbage",
+    "index_file_missing", "index_file_truncated", "timestamps_wrong_shape",
+])
+def test_a_damaged_snapshot_is_set_aside_and_the_line_starts_fresh(backbone, tmp_path, damage):
+    """No snapshot can stop the service from starting: the damaged folder is moved aside, the other
+    lines load, and the damaged line starts fresh."""
+    config = EngineConfig(window_size=6, threshold_min_history=5, memory_patches_per_frame=16)
+    engine = Engine(backbone, config)
+    run(engine, frames_for("good", crops(data.brick(), 14, seed=10)))
+    run(engine, frames_for("bad", crops(data.brick(), 14, seed=11)))
+    engine.save_state(tmp_path)
+    from musc_stream.engine import state_dir_name
+
+    bad = tmp_path / state_dir_name("bad")
+    threshold = bad / "threshold.json"
+    memory = bad / "memory"
+    if damage == "threshold_truncated":
+        threshold.write_text(threshold.read_text()[:30])
+    elif damage == "threshold_not_json":
+        threshold.write_bytes(b"\x00\xff garbage")
+    elif damage == "threshold_no_line":
+        threshold.write_text('{"threshold": {}}')
+    elif damage == "memory_meta_garbage":
+        (memory / "memory.json").write_text("[1, 2")
+    elif damage == "index_file_missing":
+        next(memory.glob("*.faiss")).unlink()
+    elif damage == "index_file_truncated":
+        index = next(memory.glob("*.faiss"))
+        index.write_bytes(index.read_bytes()[:100])
+    elif damage == "timestamps_wrong_shape":
+        np.save(memory / "timestamps.npy", np.zeros(3))
+    fresh = Engine(backbone, config)
+    assert fresh.load_state(tmp_path) == ["good"]
+    assert fresh.lines["good"].memory_size > 0
+    assert "bad" not in fresh.lines  # starts fresh on its next frame
+    assert not bad.exists() and len(list(tmp_path.glob(f"{bad.name}.damaged-*"))) == 1
+    assert run(fresh, frames_for("bad", crops(data.brick(), 5, seed=12)))  # and scores again
+
+
+def test_a_threshold_of_another_version_is_relearnt_and_the_memory_kept(backbone, tmp_path):
+    config = EngineConfig(window_size=6, threshold_min_history=5, memory_patches_per_frame=16)
+    engine = Engine(backbone, config)
+    run(engine, frames_for("a", crops(data.brick(), 14, seed=13)))
+    engine.save_state(tmp_path)
+    from musc_stream.engine import state_dir_name
+
+    threshold = tmp_path / state_dir_name("a") / "threshold.json"
+    saved = json.loads(threshold.read_text())
+    saved["threshold"]["version"] = 0
+    threshold.write_text(json.dumps(saved))
+    fresh = Engine(backbone, config)
+    assert fresh.load_state(tmp_path) == ["a"]
+    assert fresh.lines["a"].memory_size == engine.lines["a"].memory_size > 0
+    assert len(fresh.lines["a"].threshold) == 0
