@@ -312,8 +312,8 @@ def cmd_replay(args) -> int:
     except (TimeoutError, OSError) as exc:
         raise UserError(f"no MQTT broker answered at {args.host}:{args.port} ({exc}); start one "
                         "(e.g. `mosquitto -p 1883`) or pass --host and --port") from None
-    for _ in range(args.loops):
-        sent = camera.replay(args.line, files, fps=args.fps, camera=args.camera)
+    for loop in range(args.loops):
+        sent = camera.replay(args.line, files, fps=args.fps, camera=args.camera, loop=loop)
         print(f"published {sent} frames to {args.prefix}/{args.line}/frames", file=sys.stderr)
     camera.close()
     return 0
@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--camera", default=None, help="camera name sent with each frame")
     p.add_argument("--username", default=None, help="broker user (password from $MUSC_REPLAY_PASSWORD)")
     p.add_argument("--limit", type=int, default=0, help="at most this many frames (0: all)")
-    p.add_argument("--loops", type=int, default=1, help="replay the folder this many times")
+    p.add_argument("--loops", type=int, default=1, help="replay the folder this many times (loop n > 0 "
+                   "sends ids <file stem>~n, so every loop is scored, not answered as duplicates)")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("demo", help="local broker + service + camera replaying real frames; writes an output folder")

@@ -703,8 +703,9 @@ class Service:
             if state is not None:
                 self.metrics.set_window_fill(line, len(state.window))
                 self.metrics.set_memory_patches(line, state.memory_size)
-                if state.threshold.value is not None:
-                    self.metrics.set_threshold(line, state.threshold.value)
+                # The threshold in force, as results say it: none until the line's window is full.
+                value = state.threshold.value if state.steady or state.threshold.override is not None else None
+                self.metrics.set_threshold(line, float("nan") if value is None else value)
 
     def _make_durable(self, out: _Outcome) -> bool:
         """Audit rows on disk before any ack; retried (saying why, keeping the watchdog fed) until

@@ -134,7 +134,7 @@ class Metrics:
             "musc_memory_patches", "Patches in the line's normal-patch memory.", ["line"],
             registry=r)
         self.threshold = Gauge(
-            "musc_threshold", "The line's current decision threshold (score units).", ["line"],
+            "musc_threshold", "The line's decision threshold in force (score units); NaN while it has none (warm-up, after a reset).", ["line"],
             registry=r)
         self.publish_failures = Counter(
             "musc_publish_failures",
@@ -199,8 +199,9 @@ class Metrics:
             seconds = d.latency_s.get(stage)
             if seconds is not None:
                 self.stage_latency.labels(stage).observe(seconds)
-        if d.threshold is not None and math.isfinite(d.threshold):
-            self.threshold.labels(line).set(d.threshold)
+        # NaN while the line has no threshold (warm-up, after a reset), never the old product's value.
+        self.threshold.labels(line).set(d.threshold if d.threshold is not None and math.isfinite(d.threshold)
+                                        else float("nan"))
         self.window_fill.labels(line).set(d.window_size)
         self.memory_patches.labels(line).set(d.memory_size)
 

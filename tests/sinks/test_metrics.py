@@ -183,3 +183,13 @@ def test_unknown_line_label_matches_the_audit_partition():
     from musc_stream.sinks import metrics as metrics_module
 
     assert metrics_module.UNKNOWN_LINE == audit.UNKNOWN_LINE
+
+
+def test_threshold_gauge_is_nan_after_a_reset_not_the_old_products_value(served):
+    import math
+
+    metrics, port = served
+    metrics.observe_decision(_decision("press-a", "1", threshold=0.42))
+    assert _value(_samples(_scrape(port)), "musc_threshold", line="press-a") == pytest.approx(0.42)
+    metrics.observe_decision(_decision("press-a", "2", threshold=None, warmup=True, changeover=True))
+    assert math.isnan(_value(_samples(_scrape(port)), "musc_threshold", line="press-a"))
