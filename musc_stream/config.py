@@ -292,10 +292,12 @@ class MemorySettings(_Section):
 
 
 class ThresholdSettings(_Section):
-    method: Literal["pot", "mad", "quantile"] = Field("pot", description="How a line's threshold is estimated "
-                                   "from its recent normal scores: pot: generalised Pareto tail of the highest "
-                                   "scores (SPOT); mad: median + k * 1.4826 * MAD; quantile: empirical quantile "
-                                   "plus a margin (measured in benchmarks/results/threshold_methods.md).")
+    method: Literal["gumbel", "pot", "mad", "quantile"] = Field("gumbel", description="How a line's threshold "
+                                   "is estimated from its recent normal scores: gumbel: median + k * 1.4826 * MAD "
+                                   "with k from the target for a Gumbel (max-of-patches) score; pot: generalised "
+                                   "Pareto tail of the highest scores (SPOT); mad: the same with k for normal "
+                                   "scores, or k_mad; quantile: empirical quantile plus a margin (measured in "
+                                   "benchmarks/results/threshold_methods.md).")
     target_false_alarms_per_1000: float = Field(5.0, gt=0, lt=1000, description="False alarms a line may raise "
                                                 "per 1,000 normal frames: the threshold is the line's estimate "
                                                 "of that upper quantile of its normal scores.")

@@ -15,6 +15,7 @@ from musc_stream.threshold import (
     STATE_VERSION,
     AdaptiveThreshold,
     fit_gpd_pwm,
+    gumbel_k,
     pot_quantile,
     student_k,
 )
@@ -49,9 +50,17 @@ def test_pot_small_sample_correction_keeps_the_mean_rate_on_target():
     for dist in (stats.expon(scale=0.05), stats.gamma(4.0, scale=0.01)):
         corrected = _exceedance_per_1000("pot", dist, 150, repeats=150, seed=8)
         assert 3.5 < corrected < 6.5
-    raw = np.mean([dist.sf(_fed(dist.rvs(150, random_state=np.random.default_rng(s)), history=150,
+    raw = np.mean([dist.sf(_fed(dist.rvs(150, random_state=np.random.default_rng(s)), method="pot", history=150,
                                 small_sample_correction=False).value) for s in range(150)])
     assert 1000 * raw > corrected
+
+
+def test_gumbel_hits_the_target_on_gumbel_scores_and_is_conservative_on_normal_ones():
+    # An image score is a max over patches: Gumbel-like. k(5/1000) → 4.34 for many scores.
+    assert gumbel_k(10**6, 0.005) == pytest.approx(4.335, abs=0.01)
+    assert gumbel_k(10, 0.005) > gumbel_k(150, 0.005) > gumbel_k(10**6, 0.005)
+    assert 3.5 < _exceedance_per_1000("gumbel", stats.gumbel_r(0.4, 0.03), 1000) < 6.5
+    assert _exceedance_per_1000("gumbel", stats.norm(0.5, 0.02), 1000) < 0.5
 
 
 def test_mad_hits_the_target_on_normal_scores_and_overshoots_on_skewed_ones():
@@ -114,7 +123,7 @@ def test_defects_slipping_under_do_not_push_it_up():
         for _ in range(10):
             threshold.update(threshold.value * 0.999, is_anomaly=False)
         rise[method] = (threshold.value - clean) / (clean - np.median(normals))
-    assert rise["mad"] < 0.1  # median and MAD barely notice
+    assert rise["mad"] < 0.1 and rise["gumbel"] < 0.1  # median and MAD barely notice
     assert rise["pot"] < 0.5  # the tail fit moves, bounded by the ξ clip
     assert rise["quantile"] > 2 * rise["pot"]  # the empirical quantile ratchets up with each one
 
