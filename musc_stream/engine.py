@@ -103,7 +103,7 @@ class EngineConfig:
     memory_k: int = 1
     memory_use_gpu: bool | None = None
     target_false_alarms_per_1000: float = 5.0
-    threshold_method: str = "pot"
+    threshold_method: str = "gumbel"
     threshold_min_history: int = 10
     threshold_history: int = 1000
     threshold_k_mad: float | None = None
@@ -136,7 +136,7 @@ class EngineConfig:
             memory_patches_per_frame=m.patches_per_frame, memory_max_age_s=m.max_age_s,
             memory_k=m.k, memory_use_gpu=use_gpu,
             target_false_alarms_per_1000=getattr(t, "target_false_alarms_per_1000", 5.0),
-            threshold_method=getattr(t, "method", "pot"),
+            threshold_method=getattr(t, "method", "gumbel"),
             threshold_min_history=getattr(t, "min_history", getattr(t, "warmup_frames", 10)),
             threshold_history=t.history, threshold_k_mad=getattr(t, "k_mad", None),
             threshold_default=t.default_threshold, threshold_overrides=dict(t.overrides),
