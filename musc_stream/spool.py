@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from musc_stream.records import Frame
+from musc_stream.sinks.audit import _fsync_dir  # one directory-fsync helper for both writers
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +124,3 @@ def _seq_of(path: Path) -> int:
         return int(path.name.split("-", 1)[0])
     except ValueError:
         return 0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
