@@ -237,8 +237,16 @@ def test_housekeeping_errors_are_counted_and_survived(stock_broker, tmp_path, pa
             camera.publish("k1", payloads[n], f"k{n}")
         assert collector.wait_for(lambda c: len(c.results) >= 6, 120), sorted(collector.results)
         assert service._thread.is_alive() and service._sink_thread.is_alive()
-        text = scrape(service.metrics_port)
-        assert sample_value(text, "musc_housekeeping_errors_total", task="snapshot") >= 1
+        # The snapshot timer runs on its own beat: wait for its first (failing) attempt rather than
+        # racing it with the scrape.
+        deadline = time.monotonic() + 30
+        while True:
+            errors = sample_value(scrape(service.metrics_port), "musc_housekeeping_errors_total", task="snapshot")
+            if errors >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert errors >= 1
+        assert service._thread.is_alive() and service._sink_thread.is_alive()
     finally:
         camera.close()
         collector.close()
