@@ -379,6 +379,19 @@ class MetricsSettings(_Section):
     port: int = Field(9108, ge=0, le=65535, description="Port of /metrics (0: any free port).")
 
 
+class UiSettings(_Section):
+    host: str = Field("127.0.0.1", min_length=1, description="Address the live line page listens on: "
+                      "loopback by default, since the page has no login and its buttons reset lines. "
+                      "Off loopback, put it behind a reverse proxy with authentication (README).")
+    port: int | None = Field(None, ge=0, le=65535, description="Port of the live line page at / "
+                             "(0: any free port). null: no page.")
+    history: int = Field(300, ge=10, le=10_000, description="Score/threshold points per line on the page's strip.")
+    recent: int = Field(24, ge=1, le=500, description="Last frames and, separately, last alerts per line kept "
+                        "with their pictures for the page.")
+    picture_side: int = Field(480, ge=64, le=4096, description="Longest side of the page's pictures, pixels: "
+                              "larger frames are scaled down to it (the browser scales small ones up).")
+
+
 class LogSettings(_Section):
     # `format`, not `json`: a field named json would shadow BaseModel.json.
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field("INFO", description="Log level.")
@@ -420,6 +433,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings, description="Parquet audit log.")
     state: StateSettings = Field(default_factory=StateSettings, description="Persistent state.")
     metrics: MetricsSettings = Field(default_factory=MetricsSettings, description="Prometheus endpoint.")
+    ui: UiSettings = Field(default_factory=UiSettings, description="Live line page (off unless ui.port is set).")
     log: LogSettings = Field(default_factory=LogSettings, description="Logging.")
 
     @classmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ from musc_stream.sinks.audit import AuditLog
 from musc_stream.sinks.metrics import Metrics, start_http_server
 from musc_stream.sinks.mqtt import MqttPublisher
 from musc_stream.spool import FrameSpool
+from musc_stream.ui import Board, LinePage, LinePageBindError
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,7 @@ class _Outcome:
     to_spool: list[_Held] = field(default_factory=list)
     acks: list[Ack | None] = field(default_factory=list)  # reset commands
     republish: list[Decision] = field(default_factory=list)  # decided before a restart, redelivered
+    pictures: dict[Key, object] = field(default_factory=dict)  # clean frames for the line page (when on)
 
 
 def _key(item) -> Key:
@@ -134,6 +137,9 @@ class Service:
         self._beat_lock = threading.Lock()
         self._metrics_server = None
         self.metrics_port: int | None = None
+        self.board: Board | None = None  # the live line page's state (ui.port set)
+        self._line_page: LinePage | None = None
+        self.ui_port: int | None = None
         self.client: mqtt.Client | None = None
         self.engine: Engine | None = None
         self.audit: AuditLog | None = None
@@ -160,6 +166,8 @@ class Service:
         self.metrics.set_queue_capacity(s.engine.queue_size)
         if s.metrics.enabled:
             self._metrics_server, self.metrics_port = start_http_server(self.metrics, s.metrics.host, s.metrics.port)
+        if s.ui.port is not None:
+            self._start_line_page()
         backbone = self._backbone or backbone_from_settings(s)
         self._warm_up(backbone)
         self.engine = Engine(backbone, EngineConfig.from_settings(s))
@@ -197,6 +205,45 @@ class Service:
         if self._spooled_at_start:
             logger.info("%d frame(s) held in warm-up before the last stop are fed back first",
                         len(self._spooled_at_start))
+
+    def _start_line_page(self) -> None:
+        """The live line page (ui.port set): a board fed by the sink stage and its HTTP server."""
+        u = self.settings.ui
+        self.board = Board(u.history, u.recent, u.picture_side, status=self._page_status,
+                           on_error=lambda: self.metrics.observe_housekeeping_error("line_page")).start()
+        feedback = getattr(self, "submit_feedback", None)
+        try:
+            self._line_page = LinePage(self.board, u.host, u.port, reset=self.request_reset,
+                                       feedback=(lambda line, frame_id, verdict: feedback(line, frame_id, verdict,
+                                                                                          "line_page"))
+                                       if feedback is not None else None)
+        except LinePageBindError as exc:
+            self.board.stop()
+            raise StartupError(str(exc)) from None
+        self.ui_port = self._line_page.port
+
+    def request_reset(self, line: str) -> str | None:
+        """A product changeover asked for outside MQTT (the line page): the same ResetCommand a
+        line/<id>/reset message makes, on the same queue, so it never overtakes frames queued
+        before it. None when queued, else a one-line reason."""
+        if not re.fullmatch(self.settings.frames.line_id_pattern, line):
+            return f"line id {line!r} does not match frames.line_id_pattern"
+        try:
+            self.work.put_nowait(ResetCommand(line, None, time.time()))
+        except queue.Full:
+            return f"the service is busy (queue of {self.work.maxsize} full); try again in a moment"
+        return None
+
+    def _page_status(self) -> dict:
+        """Service-wide state for the line page (read from its HTTP threads: cheap reads only)."""
+        s = self.settings.mqtt
+        model = self.engine.backbone if self.engine is not None else None
+        return {"instance": s.instance, "broker": f"{s.host}:{s.port}",
+                "connected": bool(self.client is not None and self.client.is_connected()),
+                "problem": self._problem, "queue": self.work.qsize(), "queue_capacity": self.work.maxsize,
+                "held": len(self._held), "scored": self.frames_done,
+                "model": f"{model.spec.name}@{model.image_size}" if model else "",
+                "weights": model.weights_label if model else ""}
 
     def _wait_for_subscription(self, timeout_s: float | None) -> None:
         """Block until the frame subscription is live; a refusal that retrying cannot cure (bad
@@ -262,6 +309,9 @@ class Service:
             self.ingest.stop()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        if self._line_page is not None:
+            self._line_page.shutdown()
+            self.board.stop()
         logger.info("service stopped after %d frames", self.frames_done)
 
     def _warm_up(self, backbone: Backbone) -> None:
@@ -517,6 +567,7 @@ class Service:
                 held = _Held(frame, None, spool_paths[key], True) if key in spool_paths else None
             elif key in self._held:
                 held = self._held.pop(key)
+                frame = held.frame
                 held.answered = True
                 d.ack = None  # the sink takes the held frame's ack (None once spooled and acked)
             else:  # answered already (a failed batch took it); never decide a frame twice
@@ -525,6 +576,8 @@ class Service:
                 continue
             self._recent.add(key)  # from now on a copy is a duplicate, durable or not yet
             out.decisions.append((d, held))
+            if self.board is not None:  # decisions keep the frame only for alerts; the page shows all
+                out.pictures[key] = frame.image
         self._guard("metrics", lambda: self._observe_lines({d.line for d in decisions}))
         for key, frame in new.items():  # the engine holds these until the line has references
             held = _Held(frame, frame.ack, spool_paths.get(key))
@@ -663,6 +716,9 @@ class Service:
         for d in out.republish:  # its first result may have died with the previous process
             self._guard("publish", lambda d=d: self.publisher.publish_decision(d, None))
         publish_s = time.perf_counter() - started
+        if self.board is not None:  # only queued: the page's own thread draws the pictures
+            for d, _ in out.decisions:
+                self._guard("line_page", lambda d=d: self.board.offer(d, out.pictures.get(_key(d))))
         for d, held in out.decisions:
             d.latency_s["publish"] = publish_s / max(1, len(out.decisions))
             d.heatmap = d.image = None  # free the arrays early

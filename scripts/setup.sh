@@ -7,12 +7,15 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-# System packages: a real broker for the demo and tests, Prometheus/promtool for the ops checks.
+# System packages: a real broker for the demo and tests, Prometheus/promtool for the ops checks,
+# Chromium for the line page's browser test.
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || need_apt+=(mosquitto mosquitto-clients)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+# Headless Chromium for the live line page's browser test (Playwright drives it; it downloads no browser).
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "setup: installing ${need_apt[*]}"
   $SUDO apt-get update -qq
