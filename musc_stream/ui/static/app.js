@@ -24,6 +24,7 @@
     return node;
   }
 
+  const replaceWith = (node, ...children) => node.replaceChildren(...children.filter(Boolean));
   const num = (x, digits = 3) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
   const clock = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "–");
   const picture = (line, frameId, kind) =>
@@ -93,7 +94,7 @@
 
   function updateLine(sec, line) {
     const badges = sec.querySelector(".badges");
-    badges.replaceChildren(
+    replaceWith(badges,
       line.warmup ? el("span", { class: "badge warm", text: "warming up" }) : el("span", { class: "badge steady", text: "steady" }),
       line.latest && line.latest.is_anomaly ? el("span", { class: "badge alert", text: "ALERT" }) : null,
       line.reset_requested_at ? el("span", { class: "badge reset", text: `reset asked ${clock(line.reset_requested_at)}` }) : null,
