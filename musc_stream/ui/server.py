@@ -126,6 +126,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- GET --------------------------------------------------------------------------------------
     def do_HEAD(self) -> None:  # noqa: N802 - stdlib name
+        if urlsplit(self.path).path == "/events":  # a stream has no head to give
+            self._error(HTTPStatus.METHOD_NOT_ALLOWED, "GET /events for the live stream")
+            return
         self.do_GET()
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
