@@ -227,6 +227,10 @@ class EngineSettings(_Section):
                                 "frames are held and scored together (results flagged warmup).")
     queue_size: int = Field(256, ge=1, description="Bounded ingest queue; a frame arriving when it is "
                             "full is dropped, counted and logged.")
+    max_queued_bytes: int = Field(1024 ** 3, ge=1, description="Byte budget of decoded frames waiting "
+                                  "(being decoded, queued, held for warm-up), bytes; a line gets a fair share. "
+                                  "A frame is refused (queue_full, audited) from its header, before its pixels "
+                                  "are decoded, when its width * height * 3 bytes do not fit.")
     max_batch_wait_s: float = Field(0.05, ge=0, description="Longest wait to fill a micro-batch, seconds.")
     score_mode: Literal["combined", "window", "memory"] = Field("combined", description="Score against the "
                                                                 "rolling window, the patch memory, or both.")

@@ -10,7 +10,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,22 @@ class FrameError(Exception):
         """The record the error sinks and the audit take."""
         return FrameFailure(reason=self.reason, detail=self.detail, line=self.line, frame_id=self.frame_id,
                             received_at=received_at, ack=ack)
+
+
+class Refused(Exception):
+    """The ``admit`` hook of decode_frame declined to decode this frame (the service is busy);
+    ``detail`` says why. Not a fault of the payload, so not a FrameError."""
+
+    def __init__(self, detail: str, line: str, frame_id: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.line = line
+        self.frame_id = frame_id
+
+
+def decoded_bytes(width: int, height: int) -> int:
+    """Bytes of the (H, W, 3) uint8 array a frame decodes to, known from its header alone."""
+    return width * height * 3
 
 
 def escape_text(value: Any, limit: int = SHOWN_CHARS) -> str:
@@ -136,7 +152,8 @@ def sniff_format(data: bytes) -> str | None:
 
 def decode_frame(topic: str, payload: bytes,
                  user_properties: Mapping[str, str] | Iterable[tuple[str, str]] | None,
-                 limits: FrameLimits, prefix: str, now: float | None = None) -> Frame:
+                 limits: FrameLimits, prefix: str, now: float | None = None,
+                 admit: Callable[[str, str, int], None] | None = None) -> Frame:
     """Validate and decode one frame payload into a Frame with an (H, W, 3) uint8 RGB image.
 
     The payload is raw JPEG/PNG bytes with metadata in MQTT 5 user properties (frame_id, ts in epoch
@@ -150,14 +167,16 @@ def decode_frame(topic: str, payload: bytes,
 
     user_properties: MQTT 5 user properties as a mapping or as paho's list of (key, value) pairs
     (a repeated key: the last wins). now: receive time, epoch seconds (time.time() when None).
-    Raises FrameError and nothing else (MemoryError aside): whatever a payload holds, the worst it
+    admit(line, frame_id, decoded_bytes): called once the header passed its checks and before any
+    pixel is decoded; it raises Refused to keep the frame out (the service's byte budget).
+    Raises FrameError and nothing else (MemoryError and Refused aside): whatever a payload holds, the worst it
     gets is an error record. frame_id and camera follow is_valid_id; a refused value is quoted
     escaped and truncated (escape_text), and an error never carries an invalid id.
     """
     received_at = time.time() if now is None else now
     try:
-        return _decode_frame(topic, payload, user_properties, limits, prefix, received_at)
-    except (FrameError, MemoryError):
+        return _decode_frame(topic, payload, user_properties, limits, prefix, received_at, admit)
+    except (FrameError, MemoryError, Refused):
         raise
     except Exception as exc:  # noqa: BLE001 - a bug here must cost one frame, never the network thread
         logger.error("unexpected error reading a frame on %s: %s", escape_text(topic, 80),
@@ -168,7 +187,8 @@ def decode_frame(topic: str, payload: bytes,
 
 def _decode_frame(topic: str, payload: bytes,
                   user_properties: Mapping[str, str] | Iterable[tuple[str, str]] | None,
-                  limits: FrameLimits, prefix: str, received_at: float) -> Frame:
+                  limits: FrameLimits, prefix: str, received_at: float,
+                  admit: Callable[[str, str, int], None] | None = None) -> Frame:
     started = time.perf_counter()
     line = parse_line_id(topic, prefix, limits.line_id_pattern)
     props = dict(user_properties or {})
@@ -193,7 +213,7 @@ def _decode_frame(topic: str, payload: bytes,
             camera = _text(envelope["camera"], line, frame_id, "envelope camera")
         image_bytes = _image_from_envelope(envelope, line, frame_id)
 
-    image = _decode_image(image_bytes, limits, line, frame_id)
+    image = _decode_image(image_bytes, limits, line, frame_id, admit)
     return Frame(line=line, frame_id=frame_id, ts=received_at if ts is None else ts, image=image,
                  received_at=received_at, camera=camera, payload_bytes=len(payload),
                  decode_s=time.perf_counter() - started)
@@ -284,7 +304,8 @@ def _ts(value: Any, line: str, frame_id: str, what: str) -> float:
 # --------------------------------------------------------------------------------- pixels
 
 
-def _decode_image(data: bytes, limits: FrameLimits, line: str, frame_id: str) -> np.ndarray:
+def _decode_image(data: bytes, limits: FrameLimits, line: str, frame_id: str,
+                  admit: Callable[[str, str, int], None] | None = None) -> np.ndarray:
     fmt = sniff_format(data)
     if fmt is None:
         raise FrameError("unsupported_format", f"not JPEG or PNG (first bytes {data[:8].hex()})", line, frame_id)
@@ -301,9 +322,11 @@ def _decode_image(data: bytes, limits: FrameLimits, line: str, frame_id: str) ->
             if min(width, height) < limits.min_side:
                 raise FrameError("image_too_small", f"{width}x{height} has a side under frames.min_side "
                                  f"{limits.min_side}", line, frame_id)
+            if admit is not None:
+                admit(line, frame_id, decoded_bytes(width, height))
             img.load()
             return _to_rgb(img)
-    except FrameError:
+    except (FrameError, Refused):
         raise
     except Image.DecompressionBombError as exc:  # PIL's own guard fired first (header far over its limit)
         raise FrameError("too_many_pixels", str(exc), line, frame_id) from None

@@ -6,7 +6,10 @@ only then acks it, so a refusal is as durable as a decision. A frame is refused 
 decoded when the queue is full or its line already holds its fair share of the queue (half the
 queue is free for anyone; beyond that a line may hold capacity / (lines waiting + 1), keeping room
 for a line that has nothing waiting), so one flooding camera cannot crowd out the others nor make
-the service decode what it will drop. Reset commands are validated like
+the service decode what it will drop. Frames are bounded in bytes too (budget.py): a decode worker
+reads the header and decodes the pixels only if the line's fair share of
+``engine.max_queued_bytes`` has room for them; a refused frame is a ``queue_full`` drop like the
+others (counted, audited by the sink, then acked). Reset commands are validated like
 frame topics; retained ones are ignored (a retained reset would wipe the line at every
 reconnect). Every ack token carries the connection it came from: an ack for a message of an
 earlier connection is dropped (the broker redelivers the message, and the dedupe answers it).
@@ -22,11 +25,12 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 
-from musc_stream.config import FrameLimits
 import re
 import threading
 
-from musc_stream.frames import FrameError, decode_frame, derive_frame_id, is_valid_id, parse_line_id
+from musc_stream.budget import ByteBudget, Ticket
+from musc_stream.config import FrameLimits
+from musc_stream.frames import FrameError, Refused, decode_frame, derive_frame_id, is_valid_id, parse_line_id
 from musc_stream.mqtt import Topics
 from musc_stream.records import Frame, FrameFailure
 from musc_stream.sinks.metrics import Metrics
@@ -95,7 +99,8 @@ class Ingest:
 
     def __init__(self, topics: Topics, limits: FrameLimits, metrics: Metrics, work: queue.Queue,
                  refusals: queue.Queue, ack: Callable[[Ack | None], None],
-                 connection: Callable[[], int] = lambda: 0, shares: LineShares | None = None):
+                 connection: Callable[[], int] = lambda: 0, shares: LineShares | None = None,
+                 budget: ByteBudget | None = None):
         self.topics = topics
         self.limits = limits
         self.metrics = metrics
@@ -104,6 +109,7 @@ class Ingest:
         self._ack = ack
         self._connection = connection
         self.shares = shares or LineShares(work.maxsize or 1)
+        self.budget = budget  # bytes of decoded frames waiting (None: only the frame count bounds them)
         # Decode stage: jobs numbered on the network thread, decoded by workers, enqueued strictly
         # in arrival order (a reset never overtakes a frame that came before it).
         self._jobs: queue.Queue = queue.Queue(maxsize=4)
@@ -157,22 +163,51 @@ class Ingest:
             return
         self._submit(lambda: self._decode(message, props, ack, now))
 
-    def _decode(self, message: mqtt.MQTTMessage, props, ack: Ack | None, now: float) -> tuple[WorkItem, str | None]:
+    def _decode(self, message: mqtt.MQTTMessage, props, ack: Ack | None,
+                now: float) -> tuple[WorkItem | None, str | None]:
+        granted: list[Ticket] = []
+
+        def admit(line: str, frame_id: str, nbytes: int) -> None:
+            """Header read, pixels not yet: decode only if the byte budget has room for them."""
+            if self.budget is not None:
+                ticket = self.budget.reserve(line, nbytes)
+                if isinstance(ticket, str):
+                    raise Refused(ticket, line, frame_id)
+                granted.append(ticket)
+
         try:
             frame = decode_frame(message.topic, message.payload, props, self.limits,
-                                 self.topics.prefix, now=now)
+                                 self.topics.prefix, now=now, admit=admit)
+        except Refused as exc:  # a drop like a full queue: counted here, audited by the sink, then acked
+            self.metrics.observe_received(exc.line)
+            self.metrics.observe_drop(exc.line, "queue_full")
+            logger.error("%s: refused frame %s of line %s before decoding its pixels", exc.detail,
+                         ascii(exc.frame_id), exc.line)
+            self._refuse(FrameFailure(reason="queue_full", detail=f"service busy: {exc.detail}", line=exc.line,
+                                      frame_id=exc.frame_id, received_at=now, ack=ack))
+            return None, exc.line
         except FrameError as exc:
+            self._give_back(granted)
             self.metrics.observe_received(exc.line)
             logger.warning("frame refused on %s (id %s): %s", ascii(message.topic), ascii(exc.frame_id), exc)
             return exc.to_failure(received_at=now, ack=ack), exc.line
         except Exception:  # noqa: BLE001 - whatever a payload holds, the worst it gets is an error
+            self._give_back(granted)
             logger.exception("internal error decoding a message on %s; answered as an error", ascii(message.topic))
             return FrameFailure("internal_error", "internal error decoding this message; see service log",
                                 None, None, now, ack), None
+        except BaseException:
+            self._give_back(granted)
+            raise
+        frame.budget = granted[0] if granted else None
         frame.ack = ack
         frame.redelivered = bool(getattr(message, "dup", False))
         self.metrics.observe_received(frame.line)
         return frame, frame.line
+
+    def _give_back(self, tickets: list[Ticket]) -> None:
+        for ticket in tickets:
+            self.budget.release(ticket)
 
     def _submit(self, job: Callable[[], tuple[WorkItem, str | None]]) -> None:
         """Number a job and hand it to the decode workers (waits while all are busy: back-pressure
@@ -248,7 +283,9 @@ class Ingest:
         command = ResetCommand(line, ack, time.time())
         self._submit(lambda: (command, line))
 
-    def _enqueue(self, item: WorkItem, line: str | None) -> None:
+    def _enqueue(self, item: WorkItem | None, line: str | None) -> None:
+        if item is None:  # refused by the byte budget: already on its way to the audit
+            return
         counted = not isinstance(item, ResetCommand)
         if counted:
             self.shares.added(line)
@@ -262,6 +299,8 @@ class Ingest:
                              "redelivers it after the next reconnect", self.work.maxsize, line)
                 return
             frame_id = getattr(item, "frame_id", None)
+            if self.budget is not None:
+                self.budget.release(getattr(item, "budget", None))
             self.metrics.observe_drop(line, "queue_full")
             logger.error("queue full (%d): refused %s of line %s (id %s)", self.work.maxsize,
                          type(item).__name__, line, ascii(frame_id))

@@ -24,6 +24,7 @@ class Frame:
     decode_s: float = 0.0
     ack: Any = None  # opaque token the ingest uses to acknowledge the MQTT message once durable
     redelivered: bool = False  # MQTT DUP flag: the broker sent this message before (crash, reconnect)
+    budget: Any = None  # byte-budget Ticket of the decoded image (budget.py): ingest takes it, scoring gives it back
 
 
 @dataclass(frozen=True)

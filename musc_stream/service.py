@@ -31,6 +31,7 @@ import paho.mqtt.client as mqtt
 import torch
 
 from musc_stream import systemd
+from musc_stream.budget import ByteBudget
 from musc_stream.config import Settings
 from musc_stream.dedupe import RecentIds, decided_in_audit, last_decisions
 from musc_stream.engine import Engine, EngineConfig
@@ -115,6 +116,8 @@ class Service:
         self.work: queue.Queue[WorkItem] = queue.Queue(maxsize=settings.engine.queue_size)
         self.refusals: queue.Queue[FrameFailure] = queue.Queue(maxsize=_REFUSALS)
         self.shares = LineShares(settings.engine.queue_size)  # per-line fair share of `work`
+        self.budget = ByteBudget(settings.engine.max_queued_bytes)  # bytes of decoded frames waiting
+        self._budgeted: dict[int, Frame] = {}  # frames taken off `work` whose bytes are not given back yet
         self._changeovers: dict[str, dict] = {}  # line → last changeover, on the status topic
         self.stop_event = threading.Event()
         self.subscribed = threading.Event()
@@ -164,6 +167,7 @@ class Service:
     def _start(self, ready_timeout_s: float | None) -> None:
         s = self.settings
         self.metrics.set_queue_capacity(s.engine.queue_size)
+        self.metrics.watch_frame_bytes(lambda: self.budget.used, s.engine.max_queued_bytes)
         if s.metrics.enabled:
             self._metrics_server, self.metrics_port = start_http_server(self.metrics, s.metrics.host, s.metrics.port)
         if s.ui.port is not None:
@@ -326,7 +330,8 @@ class Service:
         self.client = create_client(s)
         self.publisher = MqttPublisher(self.client, self.topics, s.instance, s.qos, s.heatmap_mode)
         ingest = Ingest(self.topics, self.settings.frames, self.metrics, self.work, self.refusals,
-                        ack=self._ack, connection=lambda: self._connection, shares=self.shares)
+                        ack=self._ack, connection=lambda: self._connection, shares=self.shares,
+                        budget=self.budget)
         self.ingest = ingest
         ingest.start(workers=_DECODE_WORKERS)
         self.client.on_message = ingest.on_message
@@ -454,6 +459,7 @@ class Service:
             items = self._next_batch()
             if items:
                 self._handle(items)
+                self._settle_budget(items)
             now = time.monotonic()
             if now - last_snapshot >= self.settings.state.snapshot_interval_s:
                 last_snapshot = now
@@ -524,6 +530,16 @@ class Service:
                 segment.append(item)
         self._score(segment, out)
         self._handoff(out)
+
+    def _settle_budget(self, items: list[WorkItem]) -> None:
+        """Give back the byte budget of frames no longer waiting: scored, dropped, or answered after
+        the engine held them for warm-up (held frames keep their bytes until then)."""
+        for item in items:
+            if isinstance(item, Frame) and item.budget is not None:
+                self._budgeted[id(item)] = item
+        held = {id(h.frame) for h in self._held.values()}
+        for key in [k for k in self._budgeted if k not in held]:
+            self.budget.release(self._budgeted.pop(key).budget)
 
     def _duplicate(self, frame: Frame, seen: set[Key]) -> str | None:
         key = _key(frame)

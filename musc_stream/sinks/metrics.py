@@ -128,6 +128,12 @@ class Metrics:
             "musc_queue_depth", "Frames waiting between ingest and the engine.", registry=r)
         self.queue_capacity = Gauge(
             "musc_queue_capacity", "Size of the bounded ingest queue (frames).", registry=r)
+        self.frame_bytes_waiting = Gauge(
+            "musc_frame_bytes_waiting", "Bytes of decoded frames waiting (decoding, queued, held for warm-up).",
+            registry=r)
+        self.frame_bytes_budget = Gauge(
+            "musc_frame_bytes_budget", "Byte budget of decoded frames waiting (engine.max_queued_bytes).",
+            registry=r)
         self.window_fill = Gauge(
             "musc_window_fill", "Frames in the line's rolling window.", ["line"], registry=r)
         self.memory_patches = Gauge(
@@ -235,6 +241,11 @@ class Metrics:
 
     def set_queue_capacity(self, n: int) -> None:
         self.queue_capacity.set(n)
+
+    def watch_frame_bytes(self, waiting, budget: int) -> None:
+        """Export the decoded-frame byte budget; ``waiting()`` is read at every scrape."""
+        self.frame_bytes_waiting.set_function(waiting)
+        self.frame_bytes_budget.set(budget)
 
     def set_window_fill(self, line: str, n: int) -> None:
         """Set a line's window fill directly (after a reset, before its next decision)."""
