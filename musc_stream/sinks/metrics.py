@@ -443,7 +443,8 @@ def start_http_server(metrics: Metrics, host: str, port: int, *, workers: int = 
     try:
         httpd = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
     except OSError as exc:
-        error = MetricsBindError(_bind_advice(host, port, exc))
+        error = MetricsBindError(bind_advice("metrics", host, port, exc, " (another musc-stream?); set MUSC_METRICS__PORT to a "
+                                                     "free port, or MUSC_METRICS__ENABLED=false"))
         error.errno = exc.errno
         raise error from None
     server = MetricsServer(httpd, workers=workers, max_connections=max_connections, idle_timeout_s=idle_timeout_s,
@@ -452,17 +453,19 @@ def start_http_server(metrics: Metrics, host: str, port: int, *, workers: int = 
     return server, server.port
 
 
-def _bind_advice(host: str, port: int, exc: OSError) -> str:
-    where = f"metrics.host {host!r}, metrics.port {port}"
+def bind_advice(section: str, host: str, port: int, exc: OSError, in_use: str) -> str:
+    """One line for a listener that cannot bind: the settings, the cause and what to do.
+    ``in_use`` is the section's own advice for a port already taken."""
+    env = f"MUSC_{section.upper()}__"
+    where = f"{section}.host {host!r}, {section}.port {port}"
     if exc.errno == errno.EADDRINUSE:
-        return (f"{where}: the port is already in use (another musc-stream?); set MUSC_METRICS__PORT to a "
-                "free port, or MUSC_METRICS__ENABLED=false")
+        return f"{where}: the port is already in use{in_use}"
     if exc.errno == errno.EADDRNOTAVAIL:
-        return f"{where}: not an address of this machine; set MUSC_METRICS__HOST to 127.0.0.1 or one of its addresses"
+        return f"{where}: not an address of this machine; set {env}HOST to 127.0.0.1 or one of its addresses"
     if exc.errno == errno.EACCES:
-        return f"{where}: permission denied (ports under 1024 need privileges); set MUSC_METRICS__PORT above 1023"
+        return f"{where}: permission denied (ports under 1024 need privileges); set {env}PORT above 1023"
     if isinstance(exc, socket.gaierror):
-        return f"{where}: unknown host name; set MUSC_METRICS__HOST to an address such as 127.0.0.1"
+        return f"{where}: unknown host name; set {env}HOST to an address such as 127.0.0.1"
     return f"{where}: cannot listen: {exc.strerror or exc}"
 
 

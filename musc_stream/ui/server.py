@@ -10,7 +10,6 @@ authentication (README "Live line page").
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import json
 import logging
@@ -23,6 +22,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from musc_stream.sinks.metrics import bind_advice
 from musc_stream.ui.board import VERDICTS, Board
 
 logger = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class LinePage:
         try:
             self._httpd = _Server((host, port), _Handler, self)
         except OSError as exc:
-            error = LinePageBindError(_bind_advice(host, port, exc))
+            error = LinePageBindError(bind_advice("ui", host, port, exc, "; set MUSC_UI__PORT to a free port (or unset it: no page)"))
             error.errno = exc.errno
             raise error from None
         self.host, self.port = self._httpd.server_address[:2]
@@ -304,16 +304,3 @@ class LinePage:
         self._thread.join(timeout=5.0)
         self._httpd.server_close()
         logger.info("line page on port %d stopped", self.port)
-
-
-def _bind_advice(host: str, port: int, exc: OSError) -> str:
-    where = f"ui.host {host!r}, ui.port {port}"
-    if exc.errno == errno.EADDRINUSE:
-        return f"{where}: the port is already in use; set MUSC_UI__PORT to a free port (or unset it: no page)"
-    if exc.errno == errno.EADDRNOTAVAIL:
-        return f"{where}: not an address of this machine; set MUSC_UI__HOST to 127.0.0.1 or one of its addresses"
-    if exc.errno == errno.EACCES:
-        return f"{where}: permission denied (ports under 1024 need privileges); set MUSC_UI__PORT above 1023"
-    if isinstance(exc, socket.gaierror):
-        return f"{where}: unknown host name; set MUSC_UI__HOST to an address such as 127.0.0.1"
-    return f"{where}: cannot listen: {exc.strerror or exc}"
