@@ -81,6 +81,9 @@ def run_service(backbone, payloads: list[bytes], n_lines: int, args, tmp: Path, 
         for t in threads:
             t.start()
         done.wait(timeout=1800)
+        if len(arrivals) < total:  # e.g. too few frames per line to end warm-up: say so, do not crash
+            raise SystemExit(f"{n_lines} line(s): {len(arrivals)} of {total} results arrived; "
+                             "send more frames per line than the warm-up holds (window + threshold history)")
         elapsed = max(arrivals.values()) - start
         for cam in cameras:
             cam.close()
