@@ -126,7 +126,12 @@ class MqttSettings(_Section):
     heatmap_mode: Literal["inline", "topic", "both"] = Field("inline", description="Where anomaly heatmaps "
                                                              "go: base64 PNG in the anomaly JSON (inline), "
                                                              "binary PNG on <prefix>/<line>/anomaly/heatmap "
-                                                             "(topic), or both.")
+                                                             "(topic), or both. Either way it is the alert "
+                                                             "picture: frame, heatmap on the line's colour "
+                                                             "scale, colour bar, region boxes, caption.")
+    publish_clean_frame: bool = Field(False, description="Also publish each alert's frame itself, as PNG, "
+                                      "on <prefix>/<line>/anomaly/frame (MQTT 5 user properties frame_id, line, "
+                                      "scale); scaled down to fit max_publish_bytes like the pictures.")
     max_publish_bytes: int = Field(DEFAULT_MAX_PUBLISH_BYTES, ge=4096, description="Largest payload the "
                                    "service publishes, bytes. Keep it under the broker's limit "
                                    "(deploy/mosquitto: max_packet_size 9 MiB); an MQTT 5 broker's CONNACK "
@@ -184,7 +189,8 @@ class MqttSettings(_Section):
         return f"musc/{self.instance}/status"
 
     def line_topic(self, line: str,
-                   kind: Literal["frames", "result", "anomaly", "anomaly/heatmap", "error", "reset"]) -> str:
+                   kind: Literal["frames", "result", "anomaly", "anomaly/heatmap", "anomaly/frame", "error",
+                                 "reset"]) -> str:
         """The topic of one line, e.g. line_topic("l1", "result") == "line/l1/result"."""
         return f"{self.topic_prefix}/{line}/{kind}"
 

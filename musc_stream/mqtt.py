@@ -39,6 +39,10 @@ class Topics:
     def heatmap(self, line: str) -> str:
         return self._settings.line_topic(line, "anomaly/heatmap")
 
+    def frame(self, line: str) -> str:
+        """The clean frame of an alert (mqtt.publish_clean_frame)."""
+        return self._settings.line_topic(line, "anomaly/frame")
+
     def error(self, line: str | None) -> str:
         return self._settings.line_topic(line or "_unknown", "error")
 

@@ -328,7 +328,8 @@ class Service:
     def _connect(self) -> None:
         s = self.settings.mqtt
         self.client = create_client(s)
-        self.publisher = MqttPublisher(self.client, self.topics, s.instance, s.qos, s.heatmap_mode)
+        self.publisher = MqttPublisher(self.client, self.topics, s.instance, s.qos, s.heatmap_mode,
+                                       publish_clean_frame=s.publish_clean_frame)
         ingest = Ingest(self.topics, self.settings.frames, self.metrics, self.work, self.refusals,
                         ack=self._ack, connection=lambda: self._connection, shares=self.shares,
                         budget=self.budget)

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 from matplotlib import colormaps
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from PIL import Image
 
 from musc_stream import __version__
@@ -20,6 +22,7 @@ from musc_stream.config import DEFAULT_MAX_PUBLISH_BYTES
 from musc_stream.frames import escape_text
 from musc_stream.mqtt import Topics
 from musc_stream.records import SCHEMA_VERSION, Decision, FrameFailure
+from musc_stream.sinks.alert_picture import ColourScale, alert_png, fit_png, frame_png, natural_scale
 
 logger = logging.getLogger(__name__)
 
@@ -123,21 +126,25 @@ def fit_heatmap_png(heatmap: np.ndarray, image: np.ndarray | None, vmax: float |
 class MqttPublisher:
     """Publishes decisions and failures (QoS from settings, never retained) and the status.
 
-    Every payload is checked against the connection's limit first (``max_publish_bytes``, or the
-    client's ``payload_limit(topic)``, which also honours the broker's MQTT 5 Maximum Packet Size):
-    an alert picture is scaled down to fit, and a message that still does not fit is logged and
+    An alert carries its picture (sinks/alert_picture.py), inline and/or on the heatmap topic, and
+    optionally the clean frame on <prefix>/<line>/anomaly/frame; binary pictures carry the alert's
+    frame_id and line as MQTT 5 user properties. Every payload is checked against the connection's
+    limit first (``max_publish_bytes``, or the client's ``payload_limit(topic)``, which also honours
+    the broker's MQTT 5 Maximum Packet Size): a picture is scaled down to fit, and a message that still does not fit is logged and
     counted, never sent, since a broker disconnects a client that sends an oversize packet. A
     publish that raises is logged and counted too: one message never costs the connection or the
     other lines' results.
     """
 
     def __init__(self, client: mqtt.Client, topics: Topics, instance: str, qos: int = 1,
-                 heatmap_mode: str = "inline", max_publish_bytes: int | None = None, metrics: Any = None):
+                 heatmap_mode: str = "inline", max_publish_bytes: int | None = None, metrics: Any = None,
+                 publish_clean_frame: bool = False):
         self.client = client
         self.topics = topics
         self.instance = instance
         self.qos = qos
         self.heatmap_mode = heatmap_mode
+        self.publish_clean_frame = publish_clean_frame  # the frame itself on <prefix>/<line>/anomaly/frame
         self.max_publish_bytes = max_publish_bytes
         self.metrics = metrics  # sinks.metrics.Metrics, for musc_publish_failures_total
         self.failed = 0
@@ -160,14 +167,16 @@ class MqttPublisher:
         logger.error(message, *args)
         return False
 
-    def _publish(self, topic: str, payload: bytes, retain: bool = False, kind: str = "result") -> bool:
+    def _publish(self, topic: str, payload: bytes, retain: bool = False, kind: str = "result",
+                 properties: Properties | None = None) -> bool:
         limit = self.payload_limit(topic)
         if len(payload) > limit:
             return self._fail(kind, "too_large", "not publishing %d bytes to %s: over the %d-byte limit "
                               "(mqtt.max_publish_bytes, or the broker's maximum packet size)",
                               len(payload), escape_text(topic, 80), limit)
         try:
-            info = self.client.publish(topic, payload, qos=self.qos, retain=retain)
+            extra = {} if properties is None else {"properties": properties}
+            info = self.client.publish(topic, payload, qos=self.qos, retain=retain, **extra)
         except Exception as exc:  # noqa: BLE001 - paho raises ValueError for bad topics or sizes
             return self._fail(kind, "client_error", "publish to %s failed: %s: %s", escape_text(topic, 80),
                               type(exc).__name__, escape_text(str(exc), 200))
@@ -179,38 +188,61 @@ class MqttPublisher:
                               mqtt.error_string(info.rc))
         return True
 
+    def _properties(self, d: Decision, **extra: str) -> Properties | None:
+        """MQTT 5 user properties frame_id and line (and ``extra``) that pair a binary picture with
+        its alert; None on MQTT 3.1.1, which has no properties (the picture goes out without them)."""
+        if getattr(self.client, "_protocol", None) != mqtt.MQTTv5:
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("frame_id", d.frame_id), ("line", d.line), *extra.items()]
+        props.ContentType = "image/png"
+        return props
+
     def publish_decision(self, d: Decision, image: np.ndarray | None = None) -> None:
         record = result_record(d, self.instance)
         self._publish(self.topics.result(d.line), json.dumps(record).encode(), kind="result")
         if not d.is_anomaly:
             return
         alert = dict(record, type="anomaly")
-        vmax = None if d.heatmap is None else max(float(d.heatmap.max()), d.threshold or 0.0)
-        if d.heatmap is not None and self.heatmap_mode in ("inline", "both"):
+        shape = None if d.heatmap is None else (image if image is not None else d.heatmap).shape[:2]
+        start = None if shape is None else natural_scale(*shape)
+        make = lambda scale: alert_png(d, image, scale)  # noqa: E731
+        if shape is not None and self.heatmap_mode in ("inline", "both"):
             topic = self.topics.anomaly(d.line)
+            scale_fields = dict(heatmap_png_b64="", heatmap_scale=1.0, heatmap_omitted="too_large",
+                                heatmap_colour_scale={"low": 0.0, "high": 0.0})
             # base64 takes 4 bytes per 3; the rest of the alert and the key need their own room.
-            room = self.payload_limit(topic) - len(json.dumps(dict(alert, heatmap_png_b64="", heatmap_scale=1.0,
-                                                                   heatmap_omitted="too_large")).encode())
-            png, scale = fit_heatmap_png(d.heatmap, image, vmax, max(0, room) * 3 // 4)
+            room = self.payload_limit(topic) - len(json.dumps(dict(alert, **scale_fields)).encode()) - 64
+            png, scale = fit_png(make, shape, start, max(0, room) * 3 // 4)
             if png is None:
                 alert["heatmap_omitted"] = "too_large"
-                logger.warning("alert %s of line %s goes out without its heatmap: no picture fits in %d bytes",
+                logger.warning("alert %s of line %s goes out without its picture: no picture fits in %d bytes",
                                d.frame_id, d.line, room)
             else:
+                colours = ColourScale.for_threshold(d.threshold, d.heatmap)
                 alert["heatmap_png_b64"] = base64.b64encode(png).decode("ascii")
                 alert["heatmap_scale"] = round(scale, 4)
-                if scale < 1.0:
-                    logger.info("alert %s of line %s: heatmap scaled to %.3g to fit the publish limit",
+                alert["heatmap_colour_scale"] = {"low": round(colours.low, 6), "high": round(colours.high, 6)}
+                if scale < start:
+                    logger.info("alert %s of line %s: picture scaled to %.3g to fit the publish limit",
                                 d.frame_id, d.line, scale)
         self._publish(self.topics.anomaly(d.line), json.dumps(alert).encode(), kind="anomaly")
-        if d.heatmap is not None and self.heatmap_mode in ("topic", "both"):
+        if shape is not None and self.heatmap_mode in ("topic", "both"):
             topic = self.topics.heatmap(d.line)
-            png, _ = fit_heatmap_png(d.heatmap, image, vmax, self.payload_limit(topic))
+            png, scale = fit_png(make, shape, start, self.payload_limit(topic))
             if png is None:
                 self._fail("heatmap", "too_large", "heatmap of %s on line %s not published: no picture fits",
                            d.frame_id, d.line)
             else:
-                self._publish(topic, png, kind="heatmap")
+                self._publish(topic, png, kind="heatmap", properties=self._properties(d, scale=f"{scale:.4f}"))
+        if image is not None and self.publish_clean_frame:
+            topic = self.topics.frame(d.line)
+            png, scale = fit_png(lambda s: frame_png(image, s), image.shape[:2], 1.0, self.payload_limit(topic))
+            if png is None:
+                self._fail("frame", "too_large", "clean frame of %s on line %s not published: no picture fits",
+                           d.frame_id, d.line)
+            else:
+                self._publish(topic, png, kind="frame", properties=self._properties(d, scale=f"{scale:.4f}"))
 
     def publish_failure(self, f: FrameFailure) -> None:
         self._publish(self.topics.error(f.line), json.dumps(error_record(f, self.instance)).encode(), kind="error")

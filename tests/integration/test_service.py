@@ -63,7 +63,8 @@ def test_frames_in_results_alerts_errors_audit_metrics(running):
     assert len(alerted) >= 2, f"alerts {sorted(collector.alerts)} for defects {sorted(defects)}"
     alert = collector.alerts[sorted(alerted)[0]]
     heat = Image.open(io.BytesIO(base64.b64decode(alert["heatmap_png_b64"])))
-    assert heat.size == (192, 192)
+    scale = alert["heatmap_scale"]  # the alert picture: a 192 px frame upscaled, colour bar, caption
+    assert scale == pytest.approx(512 / 192, rel=1e-3) and heat.width > 512 and heat.height > 512
     assert alert["regions"] and all(0 <= r["x0"] < r["x1"] <= 192 and 0 <= r["y0"] < r["y1"] <= 192
                                     for r in alert["regions"])
 

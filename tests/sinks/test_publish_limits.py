@@ -98,7 +98,8 @@ def _service(port: int, **mqtt_settings) -> tuple[mqtt.Client, MqttPublisher, Me
     client.loop_start()
     assert connected.wait(EVENT_TIMEOUT_S)
     metrics = Metrics()
-    return client, MqttPublisher(client, Topics(settings), "limits", heatmap_mode="both", metrics=metrics), \
+    return client, MqttPublisher(client, Topics(settings), "limits", heatmap_mode="both", metrics=metrics,
+                                 publish_clean_frame=True), \
         metrics, disconnects
 
 
@@ -143,15 +144,21 @@ def test_alert_of_a_big_frame_fits_the_broker_and_costs_no_connection(small_brok
         for i in range(5):  # another line's results, right behind the big alert
             publisher.publish_decision(_decision("other", f"o-{i}", False))
         assert sub.wait(lambda s: len(s.on("line/other/result")) == 5 and s.on("line/big/anomaly")
-                        and s.on("line/big/anomaly/heatmap")), [m.topic for m in sub.messages]
+                        and s.on("line/big/anomaly/heatmap") and s.on("line/big/anomaly/frame")), \
+            [m.topic for m in sub.messages]
         alert_message = sub.on("line/big/anomaly")[0]
         alert = json.loads(alert_message.payload)
         assert len(alert_message.payload) <= limit
         width, height = _png_size(alert["heatmap_png_b64"])
-        assert width < 2400 and height < 1800 and width / height == pytest.approx(4 / 3, rel=0.02)
+        # the frame sits at the top left at heatmap_scale; colour bar to its right, caption below
+        assert width > 2400 * alert["heatmap_scale"] and height > 1800 * alert["heatmap_scale"]
         assert 0 < alert["heatmap_scale"] < 1 and alert["frame_id"] == "alert-1"
         heatmap_message = sub.on("line/big/anomaly/heatmap")[0]
         assert len(heatmap_message.payload) <= limit and _png_size(heatmap_message.payload)[0] < 2400
+        frame_message = sub.on("line/big/anomaly/frame")[0]  # the clean frame obeys the same limit
+        assert len(frame_message.payload) <= limit
+        frame_w, frame_h = _png_size(frame_message.payload)
+        assert frame_w < 2400 and frame_w / frame_h == pytest.approx(4 / 3, rel=0.02)
         assert disconnects == [] and client.is_connected()
         assert "exceeded" not in log.read_text().lower()  # the broker never saw an oversize packet
         assert publisher.failed == 0
