@@ -81,7 +81,7 @@ def colour_table() -> tuple[np.ndarray, np.ndarray]:
     below = _ramp((20, 40, 140), (90, 220, 240), 128)
     above = np.concatenate([_ramp((255, 240, 40), (255, 140, 0), 64), _ramp((255, 120, 0), (150, 0, 0), 64)])
     colours = np.concatenate([below, above]).round().astype(np.uint16)
-    alpha = np.concatenate([np.linspace(0, 110, 128), np.linspace(170, 200, 128)]).round().astype(np.uint16)
+    alpha = np.concatenate([np.linspace(0, 110, 128), np.linspace(120, 165, 128)]).round().astype(np.uint16)
     return colours, alpha
 
 
@@ -142,8 +142,9 @@ def draw_regions(draw: ImageDraw.ImageDraw, regions: Sequence[Region], scale: fl
         text = f"{rank}  {r.score:.3f}"
         left, top, right, bottom = label_font.getbbox(text)
         y = box[1] - (bottom + 4) if box[1] >= bottom + 4 else box[1] + width + 2
-        draw.rectangle((box[0], y, box[0] + right + 6, y + bottom + 4), fill=(0, 0, 0))
-        draw.text((box[0] + 3, y + 2), text, fill=(255, 255, 255), font=label_font)
+        x = max(0, min(box[0], draw.im.size[0] - right - 6))  # kept inside the picture
+        draw.rectangle((x, y, x + right + 6, y + bottom + 4), fill=(0, 0, 0))
+        draw.text((x + 3, y + 2), text, fill=(255, 255, 255), font=label_font)
 
 
 def colour_bar(scale: ColourScale, height: int, text_px: int, score: float | None = None) -> Image.Image:
