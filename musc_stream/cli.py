@@ -168,12 +168,10 @@ def _progress(stage: str, done: int, total: int) -> None:
 
 
 def cmd_eval(args) -> int:
-    import numpy as np
-
-    from musc_stream.datasets import DatasetError, load_image, load_mask
+    from musc_stream.datasets import DatasetError
     from musc_stream.evaluate import Selection, run_batch_eval
     from musc_stream.model.musc import MuscSettings
-    from musc_stream.report import write_heatmap_grid, write_report
+    from musc_stream.report import write_report
 
     root = Path(args.data)
     if not root.exists():
@@ -192,21 +190,53 @@ def cmd_eval(args) -> int:
             rscin_windows=args.rscin_windows,
         )
         json_path, md_path = write_report(out, report)
-        side = backbone.image_size
-        for name, (samples, maps) in outputs.items():
-            order = np.argsort([-s.label for s in samples], kind="stable")[:12]
-            write_heatmap_grid(
-                out / f"heatmaps_{name}.png",
-                [np.asarray(load_image(samples[i].path).resize((side, side))) for i in order],
-                [maps[i] for i in order],
-                [load_mask(samples[i], (side, side)) for i in order],
-                [f"{samples[i].defect_type}/{samples[i].path.stem}" for i in order],
-            )
+        for name, output in outputs.items():
+            _write_grid_and_table(out, name, root, output)
     except DatasetError as exc:
         raise UserError(str(exc)) from exc
     print(md_path.read_text())
-    print(f"wrote {json_path}, {md_path} and heatmap grids in {out}")
+    print(f"wrote {json_path}, {md_path}, heatmap grids and score tables in {out}")
     return 0
+
+
+GRID_PER_ROW = 4  # tiles per grid row: the normal row and one row per defect type
+
+
+def _write_grid_and_table(out: Path, name: str, root: Path, output) -> None:
+    """heatmaps_<name>.png (the normal images with the highest scores, then the first images of each
+    defect type) and scores_<name>.csv (every image) beside it."""
+    import numpy as np
+
+    from musc_stream.datasets import load_image, load_mask
+    from musc_stream.report import GridItem, write_heatmap_grid, write_score_table
+
+    samples, maps, scores, threshold = output
+    normal = sorted((i for i, s in enumerate(samples) if s.label == 0), key=lambda i: -scores[i])
+    rows = [(f"normal: the {min(GRID_PER_ROW, len(normal))} highest scores of {len(normal)}", normal[:GRID_PER_ROW])]
+    for kind in sorted({s.defect_type for s in samples if s.label == 1}):
+        shown = [i for i, s in enumerate(samples) if s.label == 1 and s.defect_type == kind]
+        rows.append((f"defect: {kind} ({min(GRID_PER_ROW, len(shown))} of {len(shown)})", shown[:GRID_PER_ROW]))
+
+    def item(i: int) -> GridItem:
+        image = load_image(samples[i].path)
+        return GridItem(np.asarray(image), maps[i], load_mask(samples[i], (image.height, image.width)),
+                        f"{samples[i].defect_type}/{samples[i].path.stem}", samples[i].label,
+                        samples[i].defect_type, float(scores[i]))
+
+    told = "none (fewer than 2 normal images)" if threshold is None else f"{threshold:.4f}"
+    write_heatmap_grid(out / f"heatmaps_{name}.png", [(label, [item(i) for i in shown]) for label, shown in rows],
+                       threshold, title=f"{name}: threshold {told} (the service's rule on these normal images' "
+                                        f"scores) · colours 0.5-1.5 x threshold · green: ground truth")
+    write_score_table(out / f"scores_{name}.csv",
+                      [(_relative(s.path, root), s.label, s.defect_type, float(scores[i])) for i, s in enumerate(samples)],
+                      threshold)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _eval_stream(args, root: Path, out: Path, backbone) -> int:

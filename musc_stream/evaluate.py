@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from musc_stream.metrics import image_metrics, pixel_metrics
 from musc_stream.model.backbone import Backbone
 from musc_stream.model.batch import score_batch
 from musc_stream.model.musc import MuscSettings
+from musc_stream.threshold import AdaptiveThreshold, estimate
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,25 @@ def _mask_rules(samples: Sequence[Sample]) -> str:
     return "; ".join(f"{layout}: {MASK_RULES[layout]}" for layout in sorted({s.layout for s in samples}))
 
 
+class CategoryOutput(NamedTuple):
+    """What the heatmap grid and the score table of one category need."""
+
+    samples: list[Sample]
+    maps: list[np.ndarray]  # (S, S) anomaly maps
+    scores: np.ndarray  # (N,) image scores
+    threshold: float | None  # batch_threshold of the normal images' scores
+
+
+def batch_threshold(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """The threshold a line would set from these normal images' scores (the service's default rule
+    and target, threshold.py), for the grid's and the table's verdicts. In hindsight: the normal
+    images it is estimated from are among those it judges. None with fewer than 2 normal images."""
+    normal = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 0])
+    if len(normal) < 2:
+        return None
+    return estimate(normal, AdaptiveThreshold(min_history=2))[0]
+
+
 def rscin_windows_for(samples: Sequence[Sample]) -> tuple[int, ...]:
     """Default RsCIN windows of a category, by its layout (datasets.RSCIN_WINDOWS)."""
     layouts = {s.layout for s in samples}
@@ -81,9 +101,10 @@ def run_batch_eval(
     batch_size: int = 8,
     progress: Progress = _no_progress,
     rscin_windows: Sequence[int] | None = None,
-) -> tuple[dict, dict[str, tuple[list[Sample], list[np.ndarray]]]]:
+) -> tuple[dict, dict[str, CategoryOutput]]:
     """Batch MuSc over every category under ``root``. Returns the report dict (report.py schema)
-    and, per category, the evaluated samples with their S×S maps (for the heatmap grid).
+    and, per category, the evaluated samples with their S×S maps, scores and threshold (for the
+    heatmap grid and the score table).
 
     ``rscin_windows`` None uses each category's layout default (``rscin_windows_for``: the
     reference's {1,2,3} for MVTec, off for magnetic tiles); a list applies to every category.
@@ -117,7 +138,8 @@ def run_batch_eval(
             "n_images": len(samples),
             "n_anomalous": int(labels.sum()),
         }
-        outputs[name] = (samples, result.maps)
+        scores = np.asarray(result.scores, dtype=np.float64)
+        outputs[name] = CategoryOutput(samples, list(result.maps), scores, batch_threshold(scores, labels))
         extract_s += result.extract_s
         score_s += result.score_s
         total_images += len(samples)

@@ -1,4 +1,5 @@
-"""Evaluation report files: report.json, report.md and the heatmap grid PNG. Formats only; no metric math.
+"""Evaluation report files: report.json, report.md, the heatmap grid PNG and the per-image score
+table (CSV). Formats only; no metric math.
 
 The `result` dict handed to `write_report` (metric values are fractions in [0, 1]; the Markdown
 shows them ×100 with 2 decimals):
@@ -29,27 +30,26 @@ parser reads it, and as "n/a" in report.md.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from musc_stream.sinks.alert_picture import BAND, TEXT, ColourScale, fit_text, colour_bar, font, overlay
 
 logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("auroc", "ap", "f1_max")
 PIXEL_KEYS = ("auroc", "ap", "f1_max", "aupro")
 _HEADERS = {"auroc": "AUROC", "ap": "AP", "f1_max": "F1-max", "aupro": "AUPRO"}
-# Grid cells are square and of fixed size (no tight bbox), so the PNG is 3 cells wide and one cell
-# tall per row: height / width = rows / 3.
-GRID_CELL_INCHES = 2.5
-GRID_DPI = 80
-_GRID_COLUMNS = ("image", "heatmap", "mask")
+GRID_TILE_HEIGHT = 200  # px of each grid tile's image; its width follows the image's aspect ratio
 
 
 def write_report(out_dir: Path, result: dict[str, Any]) -> tuple[Path, Path]:
@@ -63,56 +63,107 @@ def write_report(out_dir: Path, result: dict[str, Any]) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def write_heatmap_grid(
-    path: Path,
-    images: Sequence[np.ndarray | Image.Image],
-    maps: Sequence[np.ndarray],
-    masks: Sequence[np.ndarray | None],
-    titles: Sequence[str],
-    max_items: int = 16,
-) -> Path:
-    """PNG with one row per item: image | heatmap over the image | ground-truth mask.
+@dataclass
+class GridItem:
+    """One evaluated image for the heatmap grid and the score table."""
 
-    images: (H, W, 3) uint8 arrays or PIL images; maps: (h, w) float anomaly maps, stretched over
-    the image (they may be at the model's S×S); masks: (H', W') bool or None. The first max_items
-    items are drawn. All heatmaps share one colour scale, so rows compare like the scores do.
-    """
-    n_items = len(images)
-    if not (len(maps) == len(masks) == len(titles) == n_items):
-        raise ValueError(
-            f"images, maps, masks, titles differ in length: {n_items}, {len(maps)}, {len(masks)}, {len(titles)}"
-        )
-    if n_items == 0:
+    image: np.ndarray | Image.Image  # the image at its own aspect ratio (any size)
+    heatmap: np.ndarray  # (h, w) anomaly map, e.g. at the model's S×S; stretched back over the image
+    mask: np.ndarray | None  # (H, W) bool ground truth at the image's size, or None
+    name: str  # e.g. "crack/exp1_num_123"
+    label: int  # 0 normal, 1 defective
+    defect_type: str
+    score: float
+
+
+def verdict(score: float, threshold: float | None) -> str:
+    """'alerted' (score > threshold), 'not alerted', or 'n/a' without a threshold."""
+    return "n/a" if threshold is None else ("alerted" if score > threshold else "not alerted")
+
+
+def _outline(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    small = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(size, Image.Resampling.NEAREST)) > 0
+    return small & ~ndimage.binary_erosion(small, iterations=2)
+
+
+def _tile(item: GridItem, scale: ColourScale, threshold: float | None, height: int, text_px: int) -> Image.Image:
+    image = np.asarray(item.image.convert("RGB") if isinstance(item.image, Image.Image) else item.image)
+    h, w = image.shape[:2]
+    size = (max(1, round(w * height / h)), height)  # the image's own aspect ratio
+    picture = np.array(overlay(image, item.heatmap, scale, size))
+    if item.mask is not None:
+        picture[_outline(item.mask, size)] = (0, 255, 0)  # ground truth: green outline
+    said = verdict(item.score, threshold)
+    wrong = {(0, "alerted"): " (false alarm)", (1, "not alerted"): " (missed)"}.get((item.label, said), "")
+    lines = [(item.name, TEXT),
+             (f"score {item.score:.4f}" + ("" if threshold is None else f" / T {threshold:.4f}"), TEXT),
+             (said + wrong, (255, 90, 90) if wrong else (120, 230, 120))]
+    text_font = font(text_px)
+    line_h = round(text_px * 1.3)
+    width = max(size[0], int(max(text_font.getlength(t) for t, _ in lines[1:])) + 6)
+    tile = Image.new("RGB", (width, height + len(lines) * line_h + 4), BAND)
+    tile.paste(Image.fromarray(picture), (0, 0))
+    draw = ImageDraw.Draw(tile)
+    for i, (text, colour) in enumerate(lines):
+        draw.text((2, height + 2 + i * line_h), fit_text(text, text_font, width - 4), fill=colour, font=text_font)
+    return tile
+
+
+def write_heatmap_grid(path: Path, rows: Sequence[tuple[str, Sequence[GridItem]]], threshold: float | None,
+                       title: str = "", tile_height: int = GRID_TILE_HEIGHT) -> Path:
+    """PNG of labelled rows (e.g. "normal", then one per defect type) of tiles: each image at its own
+    aspect ratio with its heatmap on the alert pictures' colour scale (SCALE_LOW..SCALE_HIGH ×
+    ``threshold``, the same for every tile), the ground truth outlined in green, and its score,
+    the threshold and the verdict (alerted / not, and whether that was a false alarm or a miss)
+    below it. A colour bar with the threshold marked sits on the right."""
+    rows = [(label, list(items)) for label, items in rows if items]
+    if not rows:
         raise ValueError("no items to draw")
-    rows = min(n_items, max_items)
-    shown_maps = [np.asarray(m, dtype=np.float64) for m in maps[:rows]]
-    vmin = min(float(m.min()) for m in shown_maps)
-    vmax = max(float(m.max()) for m in shown_maps)
-
-    fig = Figure(figsize=(len(_GRID_COLUMNS) * GRID_CELL_INCHES, rows * GRID_CELL_INCHES))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, len(_GRID_COLUMNS), squeeze=False)
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.96, wspace=0.05, hspace=0.2)
-    for row in range(rows):
-        image = np.asarray(images[row].convert("RGB") if isinstance(images[row], Image.Image) else images[row])
-        height, width = image.shape[:2]
-        extent = (0, width, height, 0)  # stretch map and mask over the image's pixel grid
-        ax_img, ax_map, ax_mask = axes[row]
-        ax_img.imshow(image, extent=extent)
-        ax_img.set_title(titles[row], fontsize=8)
-        ax_map.imshow(image, extent=extent)
-        ax_map.imshow(shown_maps[row], cmap="jet", alpha=0.5, vmin=vmin, vmax=vmax, extent=extent)
-        ax_map.set_title(f"max {shown_maps[row].max():.3f}", fontsize=8)
-        if masks[row] is None:
-            ax_mask.text(0.5, 0.5, "no mask", ha="center", va="center", transform=ax_mask.transAxes)
-        else:
-            ax_mask.imshow(np.asarray(masks[row], dtype=np.float64), cmap="gray", vmin=0, vmax=1, extent=extent)
-        for ax in (ax_img, ax_map, ax_mask):
-            ax.set_axis_off()
+    everything = [item for _, items in rows for item in items]
+    scale = ColourScale.for_threshold(threshold, np.concatenate([np.ravel(i.heatmap) for i in everything]))
+    text_px = max(10, tile_height // 16)
+    gap = text_px // 2
+    drawn = [(label, [_tile(item, scale, threshold, tile_height, text_px) for item in items]) for label, items in rows]
+    label_h = round(text_px * 1.6)
+    heading = [title] if title else []
+    top = len(heading) * label_h + gap
+    grid_w = max(sum(t.width for t in tiles) + gap * (len(tiles) + 1) for _, tiles in drawn)
+    row_h = [label_h + max(t.height for t in tiles) + gap for _, tiles in drawn]
+    bar = colour_bar(scale, min(sum(row_h), 3 * tile_height), text_px)
+    out = Image.new("RGB", (grid_w + bar.width, top + sum(row_h)), BAND)
+    draw, text_font = ImageDraw.Draw(out), font(text_px)
+    for i, text in enumerate(heading):
+        draw.text((gap, gap + i * label_h), fit_text(text, text_font, out.width - 2 * gap), fill=TEXT, font=text_font)
+    y = top
+    for (label, tiles), height in zip(drawn, row_h):
+        draw.text((gap, y), label, fill=TEXT, font=text_font)
+        x = gap
+        for tile in tiles:
+            out.paste(tile, (x, y + label_h))
+            x += tile.width + gap
+        y += height
+    out.paste(bar, (grid_w, top))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=GRID_DPI)
-    logger.info("heatmap grid of %d of %d items written to %s", rows, n_items, path)
+    out.save(path, format="PNG", compress_level=3)
+    logger.info("heatmap grid of %d images written to %s", len(everything), path)
+    return path
+
+
+SCORE_TABLE_COLUMNS = ("image", "label", "defect_type", "score", "threshold", "verdict")
+
+
+def write_score_table(path: Path, items: Sequence[tuple[str, int, str, float]], threshold: float | None) -> Path:
+    """CSV of every evaluated image: image, label (normal / defective), defect type, score, threshold,
+    verdict (alerted / not alerted / n/a). items: (image, label 0/1, defect type, score)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(SCORE_TABLE_COLUMNS)
+        for image, label, defect_type, score in items:
+            writer.writerow([image, "defective" if label else "normal", defect_type, f"{score:.6f}",
+                             "" if threshold is None else f"{threshold:.6f}", verdict(score, threshold)])
     return path
 
 

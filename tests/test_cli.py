@@ -1,5 +1,6 @@
 """The command line as a user runs it: real processes, exit codes, messages, files."""
 
+import csv
 import json
 import os
 import subprocess
@@ -79,6 +80,11 @@ def test_eval_writes_reports_and_heatmap_grid(tmp_path):
     assert 0.0 <= brick["pixel"]["aupro"] <= 1.0
     assert "| brick |" in (out / "report.md").read_text()
     assert Image.open(out / "heatmaps_brick.png").size[0] > 0
+    table = list(csv.DictReader((out / "scores_brick.csv").open()))
+    assert len(table) == 9 and sum(r["label"] == "defective" for r in table) == 3
+    assert {r["verdict"] for r in table} <= {"alerted", "not alerted"}
+    threshold = float(table[0]["threshold"])  # one per category, from its normal images' scores
+    assert all(r["verdict"] == ("alerted" if float(r["score"]) > threshold else "not alerted") for r in table)
 
 
 def test_eval_stream_reports_batch_and_streaming_rows(tmp_path):

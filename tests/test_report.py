@@ -1,12 +1,14 @@
 """Tests of musc_stream/report.py: report.json round trip, Markdown table, heatmap grid PNG."""
 
+import csv
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from musc_stream.report import write_heatmap_grid, write_report
+from musc_stream.report import GRID_TILE_HEIGHT, GridItem, verdict, write_heatmap_grid, write_report, \
+    write_score_table
 
 
 def _result(aupro=0.9345):
@@ -89,22 +91,42 @@ def test_report_markdown_lists_rscin_windows_per_category(tmp_path):
     assert "- magnetic_tile: `[0]`" in text and "- bottle: `[1, 2, 3]`" in text
 
 
-@pytest.mark.parametrize("n_items, max_items, rows", [(3, 16, 3), (5, 2, 2)])
-def test_heatmap_grid_rows(tmp_path, n_items, max_items, rows):
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (30, 40, 3), dtype=np.uint8) for _ in range(n_items)]
-    images[0] = Image.fromarray(images[0]).convert("L")  # PIL input, grayscale
-    maps = [rng.random((16, 16)) for _ in range(n_items)]
-    masks = [rng.random((30, 40)) > 0.8 for _ in range(n_items)]
-    masks[-1] = None  # normal image without mask
-    titles = [f"img {i}" for i in range(n_items)]
-    path = write_heatmap_grid(tmp_path / "grid" / "heatmaps.png", images, maps, masks, titles, max_items=max_items)
+def _items(magnetic_tile, rng):
+    """Real tiles at their own (non-square) sizes with smooth maps at a model's 16×16."""
+    items = []
+    for kind, label in (("MT_Free", 0), ("MT_Free", 0), ("MT_Crack", 1), ("MT_Break", 1), ("MT_Break", 1)):
+        path = sorted((magnetic_tile / kind / "Imgs").glob("*.jpg"))[len(items) % 2]
+        image = Image.open(path).convert("RGB")
+        mask = None if label == 0 else np.asarray(Image.open(path.with_suffix(".png")).convert("L")) >= 128
+        items.append(GridItem(np.asarray(image), rng.random((16, 16)) * (0.3 + 0.4 * label), mask,
+                              f"{kind}/{path.stem}", label, kind.removeprefix("MT_").lower(), 0.3 + 0.4 * label))
+    return items
+
+
+def test_heatmap_grid_keeps_aspect_ratios_and_has_normal_and_defect_rows(tmp_path, magnetic_tile):
+    items = _items(magnetic_tile, np.random.default_rng(0))
+    rows = [("normal", items[:2]), ("defect: crack", items[2:3]), ("defect: break", items[3:])]
+    path = write_heatmap_grid(tmp_path / "grid" / "heatmaps.png", rows, threshold=0.5, title="tiles")
     with Image.open(path) as png:
         assert png.format == "PNG"
-        width, height = png.size
-    assert height * 3 == pytest.approx(width * rows, abs=3)  # one square row of 3 cells per item
+        grid = np.asarray(png.convert("RGB"))
+    # each row: a label line, tiles of GRID_TILE_HEIGHT px whose widths follow the images' aspect ratios
+    widths = [round(np.asarray(i.image).shape[1] * GRID_TILE_HEIGHT / np.asarray(i.image).shape[0]) for i in items]
+    assert len(set(widths)) > 1  # the tiles are not squares
+    assert grid.shape[1] >= max(sum(widths[:2]), sum(widths[3:]))
+    assert (np.all(grid == (0, 255, 0), axis=-1)).any()  # ground-truth outlines of the defects
 
 
-def test_heatmap_grid_rejects_mismatched_lengths(tmp_path):
+def test_tile_verdicts_and_score_table(tmp_path):
+    assert verdict(0.6, 0.5) == "alerted" and verdict(0.5, 0.5) == "not alerted" and verdict(0.6, None) == "n/a"
+    path = write_score_table(tmp_path / "scores.csv", [("MT_Free/Imgs/a.jpg", 0, "good", 0.61),
+                                                       ("MT_Crack/Imgs/b.jpg", 1, "crack", 0.42)], 0.5)
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == ["image", "label", "defect_type", "score", "threshold", "verdict"]
+    assert rows[1] == ["MT_Free/Imgs/a.jpg", "normal", "good", "0.610000", "0.500000", "alerted"]
+    assert rows[2][1:] == ["defective", "crack", "0.420000", "0.500000", "not alerted"]
+
+
+def test_heatmap_grid_rejects_nothing_to_draw(tmp_path):
     with pytest.raises(ValueError):
-        write_heatmap_grid(tmp_path / "g.png", [np.zeros((4, 4, 3), np.uint8)], [], [None], ["a"])
+        write_heatmap_grid(tmp_path / "g.png", [("normal", [])], 0.5)

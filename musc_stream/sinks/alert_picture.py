@@ -35,8 +35,8 @@ MAX_LONG_SIDE = 1600  # huge frames are scaled down to this on their long side
 MIN_PICTURE_SIDE = 32  # a picture scaled below this says nothing: fit_png gives up
 PNG_COMPRESS_LEVEL = 3  # zlib level: about half the encode time of the default 6, a few % larger
 _PNG_BYTES_PER_PIXEL = 2.0  # first guess for fit_png; each retry corrects it by the measured size
-_BAND = (32, 32, 32)  # background of the bar column and caption
-_TEXT = (240, 240, 240)
+BAND = (32, 32, 32)  # background of the bar column and caption
+TEXT = (240, 240, 240)
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def colour_bar(scale: ColourScale, height: int, text_px: int, score: float | Non
     bar_w = max(12, text_px)
     pad = text_px
     label_w = int(text_font.getlength("threshold 0.0000")) + 2
-    column = Image.new("RGB", (pad + bar_w + 8 + label_w + pad // 2, height), _BAND)
+    column = Image.new("RGB", (pad + bar_w + 8 + label_w + pad // 2, height), BAND)
     draw = ImageDraw.Draw(column)
     top, bottom = pad, max(pad + 2, height - pad)
     colours, _ = colour_table()
@@ -168,11 +168,11 @@ def colour_bar(scale: ColourScale, height: int, text_px: int, score: float | Non
 
     for value in (scale.high, scale.low):
         y = y_of(value)
-        draw.text((x_label, y), f"{value:.4f}", fill=_TEXT, font=text_font, anchor="lm")
+        draw.text((x_label, y), f"{value:.4f}", fill=TEXT, font=text_font, anchor="lm")
     if scale.threshold is not None:
         y = y_of(scale.threshold)
         draw.rectangle((pad - 4, y - 1, pad + bar_w + 4, y + 1), fill=(255, 255, 255))
-        draw.text((x_label, y), f"threshold {scale.threshold:.4f}", fill=_TEXT, font=text_font, anchor="lm")
+        draw.text((x_label, y), f"threshold {scale.threshold:.4f}", fill=TEXT, font=text_font, anchor="lm")
     if score is not None and math.isfinite(score):
         y, tip = y_of(score), pad - 2
         size = max(5, text_px // 2)
@@ -193,7 +193,7 @@ def caption_lines(d: Decision) -> list[str]:
     return [f"line {d.line} · frame {d.frame_id}", verdict, f"{when}{camera}"]
 
 
-def _fit_text(text: str, text_font: ImageFont.ImageFont, width: int) -> str:
+def fit_text(text: str, text_font: ImageFont.ImageFont, width: int) -> str:
     if text_font.getlength(text) <= width:
         return text
     while text and text_font.getlength(text + "…") > width:
@@ -215,14 +215,14 @@ def render(image: np.ndarray | None, heatmap: np.ndarray | None, scale: ColourSc
     total_w = size[0] + (column.width if column is not None else 0)
     line_h = round(text_px * 1.35)
     caption_h = (len(caption) * line_h + text_px // 2) if caption else 0
-    out = Image.new("RGB", (total_w, size[1] + caption_h), _BAND)
+    out = Image.new("RGB", (total_w, size[1] + caption_h), BAND)
     out.paste(picture, (0, 0))
     if column is not None:
         out.paste(column, (size[0], 0))
     draw, text_font = ImageDraw.Draw(out), font(text_px)
     for i, text in enumerate(caption):
-        draw.text((text_px // 2, size[1] + text_px // 4 + i * line_h), _fit_text(text, text_font, total_w - text_px),
-                  fill=_TEXT, font=text_font)
+        draw.text((text_px // 2, size[1] + text_px // 4 + i * line_h), fit_text(text, text_font, total_w - text_px),
+                  fill=TEXT, font=text_font)
     return out
 
 
