@@ -55,6 +55,8 @@ import torch.nn.functional as F
 
 from musc_stream.model.backbone import Backbone
 from musc_stream.model.memory import MemoryMismatchError, PatchMemory
+from musc_stream.state_plan import LinePlan, SnapshotBudget, threshold_text
+from musc_stream.state_store import LEGACY_MEMORY_DIR, SnapshotJob, SnapshotStore
 from musc_stream.model.musc import (
     aligned_nearest_distances,
     interval_average,
@@ -111,6 +113,8 @@ class EngineConfig:
     threshold_overrides: dict[str, float] = field(default_factory=dict)
     distance_dtype: torch.dtype | None = None
     keep_maps: bool = False  # put every frame's patch map on its decision (evaluation)
+    snapshot_bytes_per_day: int = 1024 ** 3  # per line (state_plan.py); the memory part waits for it
+    idle_evict_s: float = 0.0  # a line without frames this long is snapshotted and dropped from RAM; 0: never
 
     def __post_init__(self) -> None:
         if not set(self.memory_r_list) <= set(self.r_list):
@@ -141,6 +145,8 @@ class EngineConfig:
             threshold_history=t.history, threshold_k_mad=getattr(t, "k_mad", None),
             threshold_default=t.default_threshold, threshold_overrides=dict(t.overrides),
             distance_dtype=dtypes[str(mo.distance_dtype)],
+            snapshot_bytes_per_day=getattr(settings.state, "max_snapshot_bytes_per_day", 1024 ** 3),
+            idle_evict_s=getattr(e, "idle_evict_s", 0.0),
         )
 
 
@@ -264,6 +270,12 @@ class Engine:
         self.clock = clock
         self.lines: dict[str, LineState] = {}
         self.state_dir: Path | None = None  # where load_state read from; reset deletes a line there
+        self.store = SnapshotStore()  # persistence: state_store.py (I/O), state_plan.py (what to write)
+        self.writer = None  # a state_writer.SnapshotWriter when the service runs one; None: write inline
+        self._plans: dict[str, LinePlan] = {}
+        self._evicted: set[str] = set()  # lines snapshotted and dropped from RAM while idle
+        self._last_seen: dict[str, float] = {}  # engine clock of each line's last frame or load
+        self._dims: dict[str, int] | None = None
         self._memory_metadata = {
             "backbone": backbone.spec.name, "weights": backbone.weights_label,
             "image_size": backbone.image_size, "layers": ",".join(map(str, backbone.layers)),
@@ -272,8 +284,9 @@ class Engine:
 
     # -- state -----------------------------------------------------------------------------
     def line(self, line: str) -> LineState:
-        if line not in self.lines:
-            self.lines[line] = LineState(line, self.config, self._memory_metadata)
+        if line not in self.lines:  # an evicted line comes back from its snapshot
+            self.lines[line] = self._revive(line) or LineState(line, self.config, self._memory_metadata)
+        self._last_seen[line] = self.clock()
         return self.lines[line]
 
     def reset(self, line: str) -> None:
@@ -510,25 +523,112 @@ class Engine:
         return {f"l{li}_r{r}": int(t.shape[-1]) for r in self.config.memory_r_list for li, t in enumerate(tokens)}
 
     # -- persistence -----------------------------------------------------------------------
-    def save_state(self, directory: Path) -> None:
-        """Write each line's memory and threshold so a restart does not forget."""
+    # What is written and when: state_plan.py; the files: state_store.py; the thread: state_writer.py.
+    def save_state(self, directory: Path, *, due_only: bool = False) -> int:
+        """Snapshot what changed in each line since its last snapshot (nothing changed: 0 bytes).
+
+        due_only=False (clean stop, tests): all of it, memory included, written now on this thread,
+        after the background writer (if any) has drained. due_only=True (the periodic tick): the
+        memory part only when the line's byte budget holds it; handed to the background writer when
+        one is attached (a line with a job still queued is skipped until the next tick). Returns the
+        bytes written on this thread."""
+        directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if self.state_dir is not None and Path(self.state_dir) != directory:
+            self._plans.clear()  # another folder: nothing of it is written yet
         self.state_dir = directory
+        now = self.clock()
+        background = due_only and self.writer is not None
+        jobs = []
         for name, state in self.lines.items():
-            line_dir = directory / state_dir_name(name)
-            line_dir.mkdir(exist_ok=True)
-            if state.memory is not None and len(state.memory):
-                state.memory.save(line_dir / "memory")
-            else:
-                shutil.rmtree(line_dir / "memory", ignore_errors=True)
-            tmp = line_dir / "threshold.json.tmp"
-            tmp.write_text(json.dumps({"line": name, "threshold": state.threshold.state_dict()}))
-            tmp.replace(line_dir / "threshold.json")
-        logger.info("saved state of %d line(s) to %s", len(self.lines), directory)
+            if background and self.writer.busy(name):
+                continue
+            job = self._plan_snapshot(name, state, now, force=not due_only)
+            if job is not None:
+                jobs.append(job)
+        if background:
+            for job in jobs:
+                self.writer.submit(job)
+            return 0
+        if self.writer is not None:
+            self.writer.flush()
+        return self._write_now(jobs)
+
+    def _write_now(self, jobs: list[SnapshotJob]) -> int:
+        written, errors = 0, []
+        for job in jobs:
+            try:
+                written += self.store.write(job)
+            except Exception as exc:  # noqa: BLE001 - the other lines are still written
+                job.on_failure()
+                errors.append(exc)
+        if jobs:
+            logger.info("saved state of %d line(s) to %s (%d bytes)", len(jobs), self.state_dir, written)
+        if errors:
+            raise errors[0]
+        return written
+
+    def _plan_snapshot(self, name: str, state: LineState, now: float, force: bool) -> SnapshotJob | None:
+        plan = self._plans.get(name)
+        if plan is None:
+            plan = self._plans[name] = LinePlan(name, self.state_dir / state_dir_name(name), self._budget(now))
+        memory = state.memory if self.config.memory_enabled else None
+        return plan.plan(threshold_text(name, state.threshold.state_dict()), memory, now, force)
+
+    def _budget(self, now: float) -> SnapshotBudget:
+        return SnapshotBudget(self.config.snapshot_bytes_per_day, capacity=1 << 20, now=now)
+
+    def evict_idle(self) -> list[str]:
+        """Lines without a frame for ``idle_evict_s`` (engine clock) are snapshotted (in full, in the
+        background when a writer is attached) and dropped from RAM, GPU mirror and window included;
+        the next frame of such a line loads it back (``line()``). Lines holding warm-up frames stay.
+        Needs a state folder (load_state or save_state called before). Returns the lines evicted."""
+        idle_s = self.config.idle_evict_s
+        if not idle_s or self.state_dir is None:
+            return []
+        now = self.clock()
+        evicted = []
+        for name, state in list(self.lines.items()):
+            if state.pending or now - self._last_seen.get(name, now) < idle_s:
+                continue
+            idle = now - self._last_seen.get(name, now)
+            job = self._plan_snapshot(name, state, now, force=True)
+            if job is not None:
+                if self.writer is not None:
+                    self.writer.submit(job)
+                else:
+                    self._write_now([job])
+            del self.lines[name]
+            self._plans.pop(name, None)
+            self._last_seen.pop(name, None)
+            self._evicted.add(name)
+            logger.info("line %s evicted after %.0f s without frames (snapshot written, RAM freed); "
+                        "its next frame loads it back", name, idle)
+            evicted.append(name)
+        return evicted
+
+    def _revive(self, line: str) -> LineState | None:
+        """Load an evicted line back from its snapshot; a damaged one is set aside (fresh line)."""
+        if line not in self._evicted or self.state_dir is None:
+            return None
+        self._evicted.discard(line)
+        if self.writer is not None:
+            self.writer.wait_line(line)  # its eviction snapshot must be on disk first
+        line_dir = self.state_dir / state_dir_name(line)
+        if not (line_dir / "threshold.json").exists():
+            return None
+        try:
+            name, state = self._load_line(line_dir, line_dir / "threshold.json")
+        except Exception as exc:  # noqa: BLE001
+            self._set_aside(line_dir, exc)
+            return None
+        logger.info("line %s loaded back from its snapshot (%d memory patches)", line, state.memory_size)
+        return state if name == line else None
 
     def load_state(self, directory: Path) -> list[str]:
         """Load what save_state wrote. A snapshot from another model is refused and skipped; a
-        damaged one is set aside (renamed ``*.damaged-<time>``) with a warning and the line starts
+        damaged newest memory snapshot falls back to the previous one with a warning; a line with
+        no intact snapshot is set aside (renamed ``*.damaged-<time>``) with a warning and starts
         fresh, so no snapshot can stop the service from starting."""
         self.state_dir = directory
         loaded = []
@@ -539,18 +639,24 @@ class Engine:
             if not meta_file.exists():
                 continue
             try:
-                name = self._load_line(line_dir, meta_file)
+                name, state = self._load_line(line_dir, meta_file)
             except Exception as exc:  # noqa: BLE001 - any damage: set aside, start fresh, say so
-                aside = line_dir.with_name(f"{line_dir.name}.damaged-{int(time.time())}")
-                logger.warning("state of %s is damaged (%s: %s); moved to %s, the line starts fresh",
-                               line_dir.name, type(exc).__name__, exc, aside.name)
-                shutil.move(str(line_dir), str(aside))
+                self._set_aside(line_dir, exc)
                 continue
+            self.lines[name] = state
+            self._last_seen[name] = self.clock()
             loaded.append(name)
         logger.info("loaded state of %d line(s) from %s", len(loaded), directory)
         return loaded
 
-    def _load_line(self, line_dir: Path, meta_file: Path) -> str:
+    def _set_aside(self, line_dir: Path, exc: Exception) -> None:
+        aside = line_dir.with_name(f"{line_dir.name}.damaged-{int(time.time())}")
+        logger.warning("state of %s is damaged (%s: %s); moved to %s, the line starts fresh",
+                       line_dir.name, type(exc).__name__, exc, aside.name)
+        self.store.forget(line_dir)
+        shutil.move(str(line_dir), str(aside))
+
+    def _load_line(self, line_dir: Path, meta_file: Path) -> tuple[str, LineState]:
         saved = json.loads(meta_file.read_text())
         name = saved["line"]
         if not isinstance(name, str) or not name:
@@ -565,30 +671,57 @@ class Engine:
             threshold.load_state_dict(saved["threshold"])  # settings from config, history from disk
         except ValueError as exc:  # another version: keep the memory, re-learn the threshold
             logger.warning("line %s: threshold history not loaded (%s); it is learnt again", name, exc)
-        memory = None
-        if (line_dir / "memory").exists() and self.config.memory_enabled:
+        memory, loaded = None, None
+        if self.config.memory_enabled:
+            settings = dict(max_patches=self.config.memory_max_patches,
+                            patches_per_frame=self.config.memory_patches_per_frame,
+                            max_age_s=self.config.memory_max_age_s, use_gpu=self.config.memory_use_gpu)
             try:
-                memory = PatchMemory.load(
-                    line_dir / "memory", self._memory_metadata, dims=self._feature_dims(),
-                    max_patches=self.config.memory_max_patches,
-                    patches_per_frame=self.config.memory_patches_per_frame,
-                    max_age_s=self.config.memory_max_age_s, use_gpu=self.config.memory_use_gpu,
-                )
-                memory.expire(self.clock(), keep_newest=self._memory_floor())
+                dims = self._feature_dims_cached()
+                loaded = self.store.load(line_dir, dims, self._memory_metadata)
+                if loaded is not None:
+                    if loaded.damaged:
+                        logger.warning("line %s: newest memory snapshot damaged (%s); using the previous one "
+                                       "(generation %d); newer patches are learnt again from the next frames",
+                                       name, "; ".join(loaded.damaged), loaded.generation)
+                    memory = PatchMemory.from_rows(loaded.rows, next_seq=loaded.next_seq,
+                                                   rng_state=loaded.rng_state, dims=dims,
+                                                   metadata=self._memory_metadata, **settings)
+                elif (line_dir / LEGACY_MEMORY_DIR).exists():  # format 1 (PatchMemory.save): loaded once
+                    memory = PatchMemory.load(line_dir / LEGACY_MEMORY_DIR, self._memory_metadata, dims=dims,
+                                              **settings)
+                    logger.info("line %s: memory snapshot of the single-folder format loaded; it is rewritten "
+                                "as segments at the next snapshot", name)
+                if memory is not None:
+                    memory.expire(self.clock(), keep_newest=self._memory_floor())
             except MemoryMismatchError as exc:  # another model's memory: start fresh, say why
                 logger.warning("line %s: memory snapshot not loaded: %s", name, exc)
-                memory = None
-        state = self.line(name)
+                memory, loaded = None, None
+        state = LineState(name, self.config, self._memory_metadata)
         state.threshold = threshold
         state.memory = memory
         state.changeover_pending = False
-        return name
+        self._plans[name] = LinePlan(name, line_dir, self._budget(self.clock()), loaded=loaded,
+                                     threshold=threshold_text(name, threshold.state_dict()), memory=memory)
+        if loaded is not None and memory is not None and len(memory) != len(loaded.rows):
+            self._plans[name].memory_version = None  # the cap dropped rows at load: rewrite the manifest
+        return name, state
+
+    def _feature_dims_cached(self) -> dict[str, int]:
+        if self._dims is None:
+            self._dims = self._feature_dims()
+        return self._dims
 
     def _delete_persisted(self, line: str) -> None:
         """A reset line must not come back from disk at the next start."""
+        self._plans.pop(line, None)
+        self._evicted.discard(line)
         if self.state_dir is None:
             return
+        if self.writer is not None:
+            self.writer.wait_line(line)  # a snapshot of the old product in flight lands first
         for path in (self.state_dir / state_dir_name(line), self.state_dir / _SAFE_NAME.sub("_", line)):
+            self.store.forget(path)
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
                 logger.info("line %s: deleted persisted state %s", line, path)

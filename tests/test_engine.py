@@ -149,12 +149,12 @@ def test_memory_degrees_must_be_scored_degrees():
 
 
 @pytest.mark.parametrize("damage", [
-    "threshold_truncated", "threshold_not_json", "threshold_no_line", "memory_meta_garbage",
-    "index_file_missing", "index_file_truncated", "timestamps_wrong_shape",
+    "threshold_truncated", "threshold_not_json", "threshold_no_line", "manifest_garbage",
+    "segment_missing", "segment_truncated", "segment_bit_flip", "live_rows_in_no_segment",
 ])
 def test_a_damaged_snapshot_is_set_aside_and_the_line_starts_fresh(backbone, tmp_path, damage):
-    """No snapshot can stop the service from starting: the damaged folder is moved aside, the other
-    lines load, and the damaged line starts fresh."""
+    """No snapshot can stop the service from starting: with no intact snapshot left, the damaged
+    folder is moved aside, the other lines load, and the damaged line starts fresh."""
     config = EngineConfig(window_size=6, threshold_min_history=5, memory_patches_per_frame=16)
     engine = Engine(backbone, config)
     run(engine, frames_for("good", crops(data.brick(), 14, seed=10)))
@@ -164,22 +164,29 @@ def test_a_damaged_snapshot_is_set_aside_and_the_line_starts_fresh(backbone, tmp
 
     bad = tmp_path / state_dir_name("bad")
     threshold = bad / "threshold.json"
-    memory = bad / "memory"
+    manifest = next(bad.glob("manifest-*.json"))
+    segment = next(bad.glob("seg-*.bin"))
     if damage == "threshold_truncated":
         threshold.write_text(threshold.read_text()[:30])
     elif damage == "threshold_not_json":
         threshold.write_bytes(b"\x00\xff garbage")
     elif damage == "threshold_no_line":
         threshold.write_text('{"threshold": {}}')
-    elif damage == "memory_meta_garbage":
-        (memory / "memory.json").write_text("[1, 2")
-    elif damage == "index_file_missing":
-        next(memory.glob("*.faiss")).unlink()
-    elif damage == "index_file_truncated":
-        index = next(memory.glob("*.faiss"))
-        index.write_bytes(index.read_bytes()[:100])
-    elif damage == "timestamps_wrong_shape":
-        np.save(memory / "timestamps.npy", np.zeros(3))
+    elif damage == "manifest_garbage":
+        manifest.write_text("[1, 2")
+    elif damage == "segment_missing":
+        segment.unlink()
+    elif damage == "segment_truncated":
+        segment.write_bytes(segment.read_bytes()[:100])
+    elif damage == "segment_bit_flip":
+        raw = bytearray(segment.read_bytes())
+        raw[-5] ^= 0x10
+        segment.write_bytes(bytes(raw))
+    elif damage == "live_rows_in_no_segment":
+        meta = json.loads(manifest.read_text())
+        meta["live"][-1][1] += 7
+        meta["num_live"] += 7
+        manifest.write_text(json.dumps(meta))
     fresh = Engine(backbone, config)
     assert fresh.load_state(tmp_path) == ["good"]
     assert fresh.lines["good"].memory_size > 0

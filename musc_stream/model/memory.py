@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,6 +29,22 @@ class MemoryMismatchError(ValueError):
 
 class EmptyMemoryError(RuntimeError):
     """search() on a memory without patches: there is nothing to compare against."""
+
+
+@dataclass(frozen=True)
+class MemoryRows:
+    """Copies of some stored patches, in index order, for a snapshot (see musc_stream/state_store.py).
+
+    seqs: (n,) int64 row ids, ascending: every patch ever added gets the next id, so a snapshot can
+    say which rows it already holds and which of them are no longer live."""
+
+    seqs: np.ndarray  # (n,) int64
+    timestamps: np.ndarray  # (n,) float64
+    positions: np.ndarray  # (n,) int32
+    vectors: dict[str, np.ndarray]  # set name -> (n, C) float32
+
+    def __len__(self) -> int:
+        return int(self.seqs.shape[0])
 
 
 class PatchMemory:
@@ -85,6 +102,9 @@ class PatchMemory:
         self._cpu = {key: faiss.IndexFlatL2(dim) for key, dim in self._dims.items()}
         self._timestamps = np.empty(0, dtype=np.float64)  # (n,) seconds, index order
         self._positions = np.empty(0, dtype=np.int32)  # (n,) patch index in its frame, -1 unknown
+        self._seqs = np.empty(0, dtype=np.int64)  # (n,) row id of each patch, ascending (snapshots)
+        self._next_seq = 0  # id of the next patch added; never reused, not even after clear()
+        self._version = 0  # bumped by every change, so a snapshot can tell a memory changed
         self._gpu: dict[str, Any] | None = None  # search mirror, built on first search
         self._gpu_stale = False
 
@@ -120,6 +140,8 @@ class PatchMemory:
             index.reset()
         self._timestamps = np.empty(0, dtype=np.float64)
         self._positions = np.empty(0, dtype=np.int32)
+        self._seqs = np.empty(0, dtype=np.int64)
+        self._version += 1
         self._gpu = None
         self._gpu_stale = False
 
@@ -153,6 +175,9 @@ class PatchMemory:
                 self._gpu[key].add(x)
         self._timestamps = np.concatenate([self._timestamps, np.full(take, timestamp)])
         self._positions = np.concatenate([self._positions, rows.astype(np.int32)])
+        self._seqs = np.concatenate([self._seqs, np.arange(self._next_seq, self._next_seq + take, dtype=np.int64)])
+        self._next_seq += take
+        self._version += 1
         self.expire(timestamp)
         self._enforce_cap()
         return take
@@ -196,6 +221,8 @@ class PatchMemory:
                 raise RuntimeError(f"set {key!r}: removed {removed} patches, expected {ids.size}")
         self._timestamps = self._timestamps[~mask]
         self._positions = self._positions[~mask]
+        self._seqs = self._seqs[~mask]
+        self._version += 1
         self._gpu_stale = True
         return int(ids.size)
 
@@ -310,8 +337,86 @@ class PatchMemory:
 
     # -- persistence -------------------------------------------------------------------------
 
+    @property
+    def version(self) -> int:
+        """Changes with every add, drop and clear: equal versions mean the same patches."""
+        return self._version
+
+    @property
+    def seqs(self) -> np.ndarray:
+        """(n,) int64 row id of each stored patch, ascending, read-only view."""
+        view = self._seqs.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    @property
+    def rng_state(self) -> dict[str, Any]:
+        """State of the subsampling RNG (JSON-able), so a loaded memory picks the same positions."""
+        return json.loads(json.dumps(self._rng.bit_generator.state))
+
+    def export_rows(self, after_seq: int = -1) -> MemoryRows:
+        """Copies of the stored patches whose row id is above ``after_seq`` (all by default).
+
+        They are a suffix of the index (ids ascend in index order), so this is one slice copy per
+        set: cheap enough for the scoring thread, which owns the memory, to hand to a writer."""
+        start = int(np.searchsorted(self._seqs, after_seq, side="right"))
+        n = len(self)
+        vectors = {}
+        for key, dim in self._dims.items():
+            stored = faiss.rev_swig_ptr(self._cpu[key].get_xb(), n * dim).reshape(n, dim) if n else \
+                np.empty((0, dim), np.float32)
+            vectors[key] = np.array(stored[start:], dtype=np.float32, copy=True)
+        return MemoryRows(self._seqs[start:].copy(), self._timestamps[start:].copy(),
+                          self._positions[start:].copy(), vectors)
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: MemoryRows,
+        *,
+        next_seq: int,
+        rng_state: Mapping[str, Any] | None,
+        dims: Mapping[str, int],
+        metadata: Mapping[str, Any],
+        max_patches: int = 50_000,
+        patches_per_frame: int = 256,
+        max_age_s: float | None = 3600.0,
+        use_gpu: bool | None = None,
+    ) -> PatchMemory:
+        """Rebuild a memory from rows read back from a snapshot: the same vectors, timestamps,
+        positions and ids in the same order, hence the same search results. Cap, subsampling, age
+        and GPU come from the arguments (today's settings); a smaller cap drops the oldest now."""
+        memory = cls(dims, max_patches=max_patches, patches_per_frame=patches_per_frame,
+                     max_age_s=max_age_s, use_gpu=use_gpu, metadata=metadata)
+        if set(rows.vectors) != set(memory._dims):
+            raise ValueError(f"rows hold sets {sorted(rows.vectors)}, the memory {sorted(memory._dims)}")
+        n = len(rows)
+        for key, dim in memory._dims.items():
+            x = np.ascontiguousarray(rows.vectors[key], dtype=np.float32)
+            if x.shape != (n, dim):
+                raise ValueError(f"set {key!r}: rows of shape {x.shape}, expected {(n, dim)}")
+            if n:
+                memory._cpu[key].add(x)
+        seqs = np.asarray(rows.seqs, dtype=np.int64)
+        if n and (np.any(np.diff(seqs) <= 0) or int(seqs[-1]) >= next_seq):
+            raise ValueError("row ids must ascend and stay below next_seq")
+        memory._seqs = seqs.copy()
+        memory._timestamps = np.asarray(rows.timestamps, dtype=np.float64).copy()
+        memory._positions = np.asarray(rows.positions, dtype=np.int32).copy()
+        memory._next_seq = int(next_seq)
+        if rng_state is not None:
+            memory._rng.bit_generator.state = dict(rng_state)
+        memory._enforce_cap()
+        return memory
+
     def save(self, path_dir: Path | str) -> None:
-        """Write the memory to the folder path_dir, replacing what is there.
+        """Write the memory to the folder path_dir, replacing what is there (the single-folder
+        format of earlier releases; the service now writes musc_stream/state_store.py's segments,
+        and still loads this format once, see Engine.load_state).
 
         Layout: memory.json (format, dims, metadata, file names, RNG state), one FAISS index file per
         set written from the CPU master, timestamps.npy. No pickle anywhere. Written to
@@ -425,6 +530,8 @@ class PatchMemory:
             if positions.shape != timestamps.shape:
                 raise ValueError(f"{path_dir}: positions {positions.shape} do not match {timestamps.shape}")
             memory._positions = positions.astype(np.int32)
+        memory._seqs = np.arange(timestamps.shape[0], dtype=np.int64)
+        memory._next_seq = int(timestamps.shape[0])
         memory._rng.bit_generator.state = meta["rng_state"]
         memory._enforce_cap()
         return memory
