@@ -268,6 +268,9 @@ class EngineSettings(_Section):
                                "queue, p95 latency per line), seconds.")
     behind_s: float = Field(10.0, gt=0, description="A line whose p95 end-to-end latency over a heartbeat "
                             "exceeds this (or that dropped frames) gets a WARNING, seconds.")
+    idle_evict_s: float = Field(3600.0, ge=0, description="A line without frames this long (service clock) is "
+                                "snapshotted and dropped from RAM (memory, window, GPU mirror); its next frame "
+                                "loads it back and warms its window up again, seconds (0: never).")
 
     @model_validator(mode="after")
     def _check_rules(self) -> EngineSettings:
@@ -377,8 +380,15 @@ class AuditSettings(_Section):
 
 class StateSettings(_Section):
     dir: Path = Field(Path("./state"), description="Memory snapshots: saved on shutdown, loaded on start.")
-    snapshot_interval_s: float = Field(60.0, gt=0, description="Also save the state this often, seconds, "
-                                       "so a crash or SIGKILL loses at most this much memory.")
+    snapshot_interval_s: float = Field(60.0, gt=0, description="Snapshot tick, seconds: each line's threshold "
+                                       "history is written when it changed (a crash loses at most this much "
+                                       "of it); its memory only as often as max_snapshot_bytes_per_day allows.")
+    max_snapshot_bytes_per_day: int = Field(1024 ** 3, ge=1 << 20, description="Bytes one line's snapshots may "
+                                            "write per day (SSD wear), bytes. Only new memory rows are written, "
+                                            "but at 1 frame/s the whole memory turns over in ~78 s, so at ViT-S "
+                                            "(117 MiB of memory) the default writes the memory about every 2.8 h. "
+                                            "A crash loses the memory learnt since (the last snapshot is loaded; "
+                                            "it rebuilds from the next ~78 normal frames). A clean stop writes all.")
 
 
 class MetricsSettings(_Section):

@@ -44,6 +44,7 @@ from musc_stream.sinks.audit import AuditLog
 from musc_stream.sinks.metrics import Metrics, start_http_server
 from musc_stream.sinks.mqtt import MqttPublisher
 from musc_stream.spool import FrameSpool
+from musc_stream.state_writer import SnapshotWriter
 from musc_stream.ui import Board, LinePage, LinePageBindError
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,10 @@ class Service:
         for line in self.engine.load_state(Path(s.state.dir)):
             state = self.engine.lines[line]
             self.metrics.set_memory_patches(line, state.memory_size)
+        # Snapshots are written off the scoring stage (state_writer.py); errors count as housekeeping.
+        self._snapshot_writer = SnapshotWriter(self.engine.store, guard=lambda fn: self._guard("snapshot", fn),
+                                               on_written=lambda job, n: self.metrics.observe_snapshot_bytes(n))
+        self.engine.writer = self._snapshot_writer.start()
         self.metrics.set_info(model=f"{backbone.spec.name}@{backbone.image_size}", weights=backbone.weights_label)
         logger.info("model %s at %d px, weights: %s", backbone.spec.name, backbone.image_size, backbone.weights_label)
         self._open_durable_state()
@@ -296,8 +301,11 @@ class Service:
             self._sink_thread.join(timeout=60)
         if self.audit is not None:
             self._guard("audit_close", self.audit.close)
-        if self.engine is not None and save_state:
-            self._guard("snapshot", lambda: self.engine.save_state(Path(self.settings.state.dir)))
+        if self.engine is not None and save_state:  # the final snapshot: everything, synchronously
+            self._guard("snapshot", lambda: self.metrics.observe_snapshot_bytes(
+                self.engine.save_state(Path(self.settings.state.dir))))
+        if getattr(self, "_snapshot_writer", None) is not None:
+            self._snapshot_writer.stop()
         if self.client is not None:
             # Frames still queued are not acked: the broker redelivers them. Held ones are spooled.
             info = self.client.publish(self.topics.status, offline_payload(self.settings.mqtt.instance),
@@ -464,7 +472,7 @@ class Service:
             now = time.monotonic()
             if now - last_snapshot >= self.settings.state.snapshot_interval_s:
                 last_snapshot = now
-                self._guard("snapshot", lambda: self.engine.save_state(Path(self.settings.state.dir)))
+                self._guard("snapshot", self._snapshot_tick)
             if now - last_beat >= self.settings.engine.heartbeat_s:
                 last_beat = now
                 self._guard("heartbeat", self._log_heartbeat)
@@ -474,6 +482,13 @@ class Service:
         if self.fatal is not None:
             logger.critical("engine stopped: %s", self.fatal)
             systemd.status(f"stopping: {self.fatal}")
+
+    def _snapshot_tick(self) -> None:
+        """Plan and copy what changed (cheap, here on the scoring stage); the writer thread writes it.
+        Then idle lines are evicted (engine.idle_evict_s)."""
+        self.engine.save_state(Path(self.settings.state.dir), due_only=True)
+        for line in self.engine.evict_idle():
+            self.metrics.observe_eviction(line)
 
     def _ping(self) -> None:
         systemd.watchdog()

@@ -162,6 +162,14 @@ class Metrics:
             "musc_stale_acks_dropped",
             "Acks not sent because their message came on an earlier connection (it is redelivered).",
             registry=r)
+        self.snapshot_bytes = Counter(
+            "musc_snapshot_bytes_written",
+            "Bytes written by state snapshots (memory segments, manifests, thresholds), all lines.",
+            registry=r)
+        self.lines_evicted = Counter(
+            "musc_lines_evicted",
+            "Idle lines snapshotted and dropped from RAM (engine.idle_evict_s); their next frame loads them back.",
+            registry=r)
         self.frames_held = Gauge(
             "musc_frames_held", "Frames the engine holds for warm-up (spooled and acked).", registry=r)
         self.gpu_memory = _OptionalGauge(
@@ -259,6 +267,17 @@ class Metrics:
 
     def observe_housekeeping_error(self, task: str) -> None:
         self.housekeeping_errors.labels(task).inc()
+
+    def observe_snapshot_bytes(self, n: int) -> None:
+        self.snapshot_bytes.inc(n)
+
+    def observe_eviction(self, line: str) -> None:
+        """Count an evicted line; its gauges read empty until it comes back."""
+        line = self._line(line)
+        self.lines_evicted.inc()
+        self.window_fill.labels(line).set(0)
+        self.memory_patches.labels(line).set(0)
+        self.threshold.labels(line).set(float("nan"))
 
     def observe_stale_ack(self) -> None:
         self.stale_acks.inc()
