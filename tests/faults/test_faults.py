@@ -240,3 +240,38 @@ def test_overload_twice_the_capacity(rig_factory, fault_table):
     fault_table("5", led, f"{2 * capacity:.0f} frames/s for {seconds} s after measuring {capacity:.0f} "
                           "frames/s; max_age_s 2, queue 64")
     assert len(audit_table(rig.audit_dir)) >= led.acked
+
+
+def test_torn_and_corrupt_memory_snapshots_then_restart(rig_factory, fault_table):
+    """Memory on. Two clean stops leave two snapshot generations per line; then line0's newest
+    segment is torn (truncated) and every manifest of line1 is garbage. On restart line0 falls back
+    to the previous generation, line1 is set aside and starts fresh, the other lines load: every
+    line keeps running, 0 lost, 0 twice."""
+    rig = rig_factory("5", MUSC_MEMORY__ENABLED="true", MUSC_ENGINE__SCORE_MODE="combined",
+                      MUSC_MEMORY__PATCHES_PER_FRAME="16")
+    rig.service.start()
+    rig.fleet.round(PAYLOADS, 0, WARMUP + 1)
+    assert wait_until(lambda: rig.answered() >= 8 * (WARMUP + 1), 120)
+    assert rig.service.signal(signal.SIGTERM) == 0  # the final snapshot: generation 1
+    rig.service.start()
+    rig.fleet.round(PAYLOADS, WARMUP + 1, WARMUP)  # the window is not persisted: warm-up again
+    assert wait_until(lambda: rig.answered() >= 8 * (2 * WARMUP + 1), 120)
+    assert rig.service.signal(signal.SIGTERM) == 0  # generation 2: the new rows only
+    from musc_stream.engine import state_dir_name
+
+    state = rig.service.dir / "state"
+    torn = sorted((state / state_dir_name("line0")).glob("seg-*.bin"))[-1]
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+    for manifest in (state / state_dir_name("line1")).glob("manifest-*.json"):
+        manifest.write_text('{"format": 2, "segments": [')
+    rig.service.start()
+    log = rig.service.log()
+    assert "line line0: newest memory snapshot damaged" in log
+    assert f"state of {state_dir_name('line1')} is damaged" in log
+    assert len(list(state.glob(f"{state_dir_name('line1')}.damaged-*"))) == 1
+    rig.fleet.round(PAYLOADS, 2 * WARMUP + 1, WARMUP + 1)
+    led = rig.settle()
+    _check(led, rig)
+    assert led.decided == led.acked
+    fault_table("5", led, "memory on; after 2 clean stops: line0's newest segment truncated (previous "
+                          "generation used), line1's manifests garbage (set aside, fresh); restart")
