@@ -50,6 +50,8 @@ def run_service(backbone, payloads: list[bytes], n_lines: int, args, tmp: Path, 
         settings = load_settings(None, env={}, overrides={
             "mqtt": {"host": broker.host, "port": broker.port, "instance": f"bench{n_lines}"},
             "model": {"image_size": args.image_size, "batch_size": args.batch_size},
+            # A burst is a saturation test: every frame is scored however long it waits (no stale drops).
+            "engine": {"max_age_s": 0},
             "audit": {"dir": str(tmp / f"audit{n_lines}")}, "state": {"dir": str(tmp / f"state{n_lines}")},
             "metrics": {"host": "127.0.0.1", "port": free_port()},
         })

@@ -226,7 +226,7 @@ def test_a_failed_batch_answers_every_frame_and_a_broken_model_stops_with_a_reas
 def test_housekeeping_errors_are_counted_and_survived(stock_broker, tmp_path, payloads):
     service = _start(tmp_path, stock_broker.port, state={"snapshot_interval_s": 0.2})
 
-    def broken_snapshot(directory):
+    def broken_snapshot(directory, **_):
         raise KeyError("injected snapshot failure")
 
     service.engine.save_state = broken_snapshot  # any exception type, not only OSError
