@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from musc_stream.feedback import DEFECT, ALREADY_NORMAL, APPLIED, RECORDED, UNKNOWN_FRAME, FeedbackResult, RecentFrames
 from musc_stream.model.backbone import Backbone
 from musc_stream.model.memory import MemoryMismatchError, PatchMemory
 from musc_stream.state_plan import LinePlan, SnapshotBudget, threshold_text
@@ -104,6 +105,8 @@ class EngineConfig:
     memory_max_age_s: float | None = 3600.0
     memory_k: int = 1
     memory_use_gpu: bool | None = None
+    feedback_frames: int = 64  # unlearnt recent frames per line an operator's verdict can still reach
+    feedback_max_bytes: int = 48 * 2**20  # bytes of their feature sets per line (float16)
     target_false_alarms_per_1000: float = 5.0
     threshold_method: str = "gumbel"
     threshold_min_history: int = 10
@@ -218,6 +221,7 @@ class LineState:
         self.levels: deque[float] = deque(maxlen=_LEVEL_HISTORY)  # median patch score of recent frames
         self.changeover_pending = False
         self.changeovers = 0
+        self.recent = RecentFrames(config.feedback_frames, config.feedback_max_bytes)  # feedback.py
 
     @property
     def drift_run(self) -> int:
@@ -256,6 +260,7 @@ class LineState:
         if self.memory is not None:
             self.memory.clear()
         self.threshold.reset()
+        self.recent.clear()
         self.changeover_pending = True
         self.changeovers += 1
 
@@ -352,13 +357,16 @@ class Engine:
             if state.drift_run >= self.config.drift_patience:
                 self._changeover(state)
                 decision.changeover = True
+            else:
+                self._keep_recent(state, item, decision, steady=steady, in_memory=False)
             return [decision]
         state.suspects.clear()  # a frame like the window ends any drift run
         state.levels.append(level)
         if state.changeover_pending:
             decision.changeover = True
             state.changeover_pending = False
-        self._remember(state, item, decision, window_score=float(window_map.max()), steady=steady)
+        in_memory = self._remember(state, item, decision, window_score=float(window_map.max()), steady=steady)
+        self._keep_recent(state, item, decision, steady=steady, in_memory=in_memory)
         return [decision]
 
     def _score_pending(self, state: LineState) -> list[Decision]:
@@ -388,7 +396,8 @@ class Engine:
             state.changeover_pending = False
         for item, decision, patch_map in zip(held, decisions, patch_maps):
             state.levels.append(float(patch_map.median()))
-            self._remember(state, item, decision, window_score=float(patch_map.max()), steady=False)
+            in_memory = self._remember(state, item, decision, window_score=float(patch_map.max()), steady=False)
+            self._keep_recent(state, item, decision, steady=False, in_memory=in_memory)
         return decisions
 
     def _memory_scores(self) -> bool:
@@ -500,21 +509,67 @@ class Engine:
         )
 
     def _remember(self, state: LineState, item: _Embedded, decision: Decision, *, window_score: float,
-                  steady: bool) -> None:
+                  steady: bool) -> bool:
         """Every non-drifting frame joins the window (MSM tolerates a few defects there). Frames
         judged normal feed the threshold (steady regime only) and the memory; in warm-up, where
-        nothing is judged, frames far above the warm-up's own scores stay out of the memory."""
+        nothing is judged, frames far above the warm-up's own scores stay out of the memory.
+        True when the frame's patches went into the memory."""
         state.window.add(item.sets, item.image_feature)
         if steady and not decision.is_anomaly:
             state.threshold.update(decision.score, False)
         if not self._memory_scores() or decision.is_anomaly:
-            return
+            return False
         if decision.warmup:
             state.warmup_scores.append(window_score)
             if _is_warmup_outlier(state.warmup_scores):
-                return
+                return False
         arrays = self._memory_sets(item.sets)
         state.ensure_memory(arrays).add(arrays, self.clock())  # service clock, never the camera's
+        return True
+
+    # -- operator feedback (feedback.py) ---------------------------------------------------
+    def _keep_recent(self, state: LineState, item: _Embedded, decision: Decision, *, steady: bool,
+                     in_memory: bool) -> None:
+        """Remember what a "not a defect" verdict on this frame would still have to add."""
+        in_history = steady and not decision.is_anomaly and not decision.drift_suspected
+        needs_memory = self._memory_scores() and not in_memory
+        needs_history = steady and not in_history
+        if not (needs_memory or needs_history):
+            state.recent.learnt(decision.frame_id)
+            return
+        sets = self._memory_sets(item.sets) if needs_memory else None
+        state.recent.keep(decision.frame_id, decision.score, sets, to_threshold=needs_history)
+
+    def apply_feedback(self, line: str, frame_id: str, verdict: str) -> FeedbackResult:
+        """An operator's verdict on a decided frame. "not_defect": the frame's patches go into the
+        memory (service clock) and its score into the threshold's normal history, once; "defect":
+        nothing changes. Call on the scoring stage (it owns the line), never from another thread."""
+        state = self.lines.get(line)
+        kept = state.recent.peek(frame_id) if state is not None else None
+        known = kept is not None or (state is not None and state.recent.is_learnt(frame_id))
+        if not known:
+            return FeedbackResult(UNKNOWN_FRAME, f"frame {frame_id!r} of line {line!r} is not known to the model any "
+                                  "more (older than the recent frames kept, or the line was reset); recorded only, "
+                                  "the model is unchanged")
+        score = kept.score if kept is not None else None
+        if verdict == DEFECT:
+            detail = "kept for the quality team; the model is unchanged"
+            if kept is None:
+                detail += " (the frame was judged normal and stays in the memory)"
+            return FeedbackResult(RECORDED, detail, score)
+        if kept is None:
+            return FeedbackResult(ALREADY_NORMAL, "the model had already learnt this frame as normal; nothing added")
+        state.recent.take(frame_id)
+        added = 0
+        if kept.sets is not None:
+            arrays = {k: v.astype(np.float32) for k, v in kept.sets.items()}
+            added = state.ensure_memory(arrays).add(arrays, self.clock())  # service clock
+        if kept.to_threshold:
+            state.threshold.update(kept.score, False)
+        parts = [f"{added} patches into the memory"] if added else []
+        parts += ["its score into the threshold's normal history"] if kept.to_threshold else []
+        return FeedbackResult(APPLIED, "learnt as normal: " + " and ".join(parts or ["nothing left to add"]), score,
+                              patches_added=added, threshold_history_added=kept.to_threshold)
 
     def _feature_dims(self) -> dict[str, int]:
         """Width of every feature set, from one forward pass of a blank image."""
