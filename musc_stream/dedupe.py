@@ -43,9 +43,10 @@ def decided_in_audit(directory: Path, capacity: int, dates: int = 2) -> RecentId
     """The newest ``capacity`` decided keys in the audit under ``directory`` (last ``dates`` date
     partitions; older ones are not read, so start-up stays fast on a long-running box).
 
-    Only decisions count (``error_reason`` null): a frame refused as ``queue_full`` or ``stale``
-    may be sent again by its camera and then deserves a decision. Unreadable files are skipped
-    with a warning.
+    Only decisions count (``error_reason`` and ``feedback_verdict`` null): a frame refused as
+    ``queue_full`` or ``stale`` may be sent again by its camera and then deserves a decision, and a
+    feedback row (even on an id never decided) decides nothing. Unreadable files are skipped with a
+    warning.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -58,7 +59,11 @@ def decided_in_audit(directory: Path, capacity: int, dates: int = 2) -> RecentId
     tables = []
     for path in sorted(f for d in date_dirs for f in d.rglob("*.parquet")):
         try:
-            tables.append(pq.read_table(path, columns=["line", "frame_id", "decided_at", "error_reason"]))
+            table = pq.read_table(path, columns=["line", "frame_id", "decided_at", "error_reason"])
+            if "feedback_verdict" in pq.read_schema(path).names:  # files before feedback have no such column
+                verdicts = pq.read_table(path, columns=["feedback_verdict"])["feedback_verdict"]
+                table = table.filter(pc.is_null(verdicts))
+            tables.append(table)
         except (OSError, pa.ArrowException) as exc:
             logger.warning("audit file %s not read for dedupe: %s", path, exc)
     if not tables:
@@ -89,7 +94,8 @@ def last_decisions(directory: Path, limit: int = 2000, files: int = 32) -> dict[
     rows: list[dict] = []
     for path in paths:
         try:
-            rows += [r for r in pq.read_table(path).to_pylist() if r.get("error_reason") is None]
+            rows += [r for r in pq.read_table(path).to_pylist()
+                     if r.get("error_reason") is None and r.get("feedback_verdict") is None]
         except (OSError, pa.ArrowException) as exc:
             logger.warning("audit file %s not read for redelivery: %s", path, exc)
     rows.sort(key=lambda r: r["decided_at"].timestamp() if r.get("decided_at") else 0.0)

@@ -38,7 +38,8 @@ ALREADY_NORMAL = "already_normal"  # not_defect on a frame the model learnt as n
 RECORDED = "recorded"  # defect on a known frame: kept for the quality team, model unchanged
 UNKNOWN_FRAME = "unknown_frame"  # frame not known any more (too old, line reset, unknown id): audited only
 REJECTED = "rejected"  # a payload that could not be read (answered on the error topic)
-OUTCOMES = (APPLIED, ALREADY_NORMAL, RECORDED, UNKNOWN_FRAME, REJECTED)
+ERROR = "error"  # the engine failed applying it (logged with its traceback); the model may be unchanged
+OUTCOMES = (APPLIED, ALREADY_NORMAL, RECORDED, UNKNOWN_FRAME, REJECTED, ERROR)
 MAX_SOURCE_CHARS = 64
 MAX_PAYLOAD_BYTES = 4096
 

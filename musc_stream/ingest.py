@@ -11,7 +11,8 @@ reads the header and decodes the pixels only if the line's fair share of
 ``engine.max_queued_bytes`` has room for them; a refused frame is a ``queue_full`` drop like the
 others (counted, audited by the sink, then acked). Reset commands are validated like
 frame topics; retained ones are ignored (a retained reset would wipe the line at every
-reconnect). Every ack token carries the connection it came from: an ack for a message of an
+reconnect). Feedback commands (``line/<id>/feedback``, feedback.py) are checked the
+same way; a payload that cannot be used is answered on the error topic. Every ack token carries the connection it came from: an ack for a message of an
 earlier connection is dropped (the broker redelivers the message, and the dedupe answers it).
 """
 
@@ -30,6 +31,7 @@ import threading
 
 from musc_stream.budget import ByteBudget, Ticket
 from musc_stream.config import FrameLimits
+from musc_stream.feedback import REJECTED, FeedbackCommand, FeedbackError, parse_payload
 from musc_stream.frames import FrameError, Refused, decode_frame, derive_frame_id, is_valid_id, parse_line_id
 from musc_stream.mqtt import Topics
 from musc_stream.records import Frame, FrameFailure
@@ -56,7 +58,8 @@ class ResetCommand:
     received_at: float = 0.0
 
 
-WorkItem = Frame | FrameFailure | ResetCommand
+WorkItem = Frame | FrameFailure | ResetCommand | FeedbackCommand
+COMMANDS = (ResetCommand, FeedbackCommand)  # queued in order with frames, outside any line's fair share
 
 _JSON_START = re.compile(rb"\s*\{")
 
@@ -152,6 +155,9 @@ class Ingest:
         kind = self.topics.kind(message.topic)
         if kind == "reset":
             self._reset(message, ack)
+            return
+        if kind == "other" and message.topic.endswith("/feedback"):
+            self._feedback(message, ack)
             return
         if kind != "frames":
             logger.warning("ignoring message on unexpected topic %s", ascii(message.topic))
@@ -283,10 +289,40 @@ class Ingest:
         command = ResetCommand(line, ack, time.time())
         self._submit(lambda: (command, line))
 
+    def _feedback(self, message: mqtt.MQTTMessage, ack: Ack | None) -> None:
+        """An operator's verdict on line/<id>/feedback: checked here, applied by the scoring stage
+        (which owns the line state), in arrival order with the frames. A payload that cannot be
+        used is answered on the line's error topic (audited, counted), never ignored in silence."""
+        topic, now = message.topic, time.time()
+        if message.retain:
+            logger.warning("ignoring retained feedback on %s: a verdict must be sent live, not retained "
+                           "(clear it with an empty retained message)", ascii(topic))
+            self._ack(ack)
+            return
+        try:
+            line = parse_line_id(topic[: -len("/feedback")] + "/frames", self.topics.prefix,
+                                 self.limits.line_id_pattern)
+        except FrameError as exc:
+            self._bad_feedback(None, None, f"feedback topic {ascii(topic)}: {exc.detail}", ack, now)
+            return
+        try:
+            frame_id, verdict, source, user = parse_payload(message.payload, is_valid_id)
+        except FeedbackError as exc:
+            self._bad_feedback(line, None, str(exc), ack, now)
+            return
+        command = FeedbackCommand(line, frame_id, verdict, source or "mqtt", user, ack, now)
+        self._submit(lambda: (command, line))
+
+    def _bad_feedback(self, line: str | None, frame_id: str | None, detail: str, ack: Ack | None,
+                      now: float) -> None:
+        logger.warning("feedback refused (line %s): %s", line, detail)
+        self.metrics.observe_feedback(line, None, REJECTED)
+        self._refuse(FrameFailure("bad_feedback", detail, line, frame_id, now, ack))
+
     def _enqueue(self, item: WorkItem | None, line: str | None) -> None:
         if item is None:  # refused by the byte budget: already on its way to the audit
             return
-        counted = not isinstance(item, ResetCommand)
+        counted = not isinstance(item, COMMANDS)
         if counted:
             self.shares.added(line)
         try:
@@ -297,6 +333,12 @@ class Ingest:
             if isinstance(item, ResetCommand):  # unacked: the broker redelivers it
                 logger.error("queue full (%d): reset of line %s not taken; it stays unacked and the broker "
                              "redelivers it after the next reconnect", self.work.maxsize, line)
+                return
+            if isinstance(item, FeedbackCommand):  # answered: the sender may send it again
+                self.metrics.observe_feedback(line, item.verdict, REJECTED)
+                self._refuse(FrameFailure("bad_feedback", f"service busy (queue of {self.work.maxsize} full): "
+                                          "feedback not taken; send it again in a moment", line, item.frame_id,
+                                          time.time(), item.ack))
                 return
             frame_id = getattr(item, "frame_id", None)
             if self.budget is not None:

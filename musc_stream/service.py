@@ -36,7 +36,10 @@ from musc_stream.config import Settings
 from musc_stream.dedupe import RecentIds, decided_in_audit, last_decisions
 from musc_stream.engine import Engine, EngineConfig
 from musc_stream.heartbeat import Heartbeat
-from musc_stream.ingest import Ack, Ingest, LineShares, ResetCommand, WorkItem
+from musc_stream.feedback import (DEFECT, ERROR, RECORDED, APPLIED, ALREADY_NORMAL, UNKNOWN_FRAME, FeedbackCommand,
+                                  FeedbackError, FeedbackResult, feedback_filter, normalise_verdict)
+from musc_stream.frames import is_valid_id
+from musc_stream.ingest import COMMANDS, Ack, Ingest, LineShares, ResetCommand, WorkItem
 from musc_stream.model.backbone import Backbone, BackboneSpec, load_backbone
 from musc_stream.mqtt import Topics, connect_kwargs, create_client, offline_payload
 from musc_stream.records import Decision, Frame, FrameFailure
@@ -57,6 +60,7 @@ _DECODE_WORKERS = 2  # JPEG/PNG decode threads (PIL releases the GIL while decod
 _PERMANENT_REFUSALS = {0x85, 0x86, 0x87, 0x8A, 0x8C}
 # Failure reasons that are drops of a valid frame (counted as drops, not as frame errors).
 _DROPS = {"queue_full", "stale", "duplicate", "reset_in_warmup"}
+_FEEDBACK_WAIT_S = 5.0  # the line page waits this long for the scoring stage to say what a verdict did
 
 Key = tuple[str, str]
 
@@ -101,6 +105,15 @@ class _Outcome:
     acks: list[Ack | None] = field(default_factory=list)  # reset commands
     republish: list[Decision] = field(default_factory=list)  # decided before a restart, redelivered
     pictures: dict[Key, object] = field(default_factory=dict)  # clean frames for the line page (when on)
+    feedback: list[tuple[FeedbackCommand, FeedbackResult]] = field(default_factory=list)  # audited, then acked
+
+
+class _Reply:
+    """Where the sink puts a feedback's result for the caller waiting in submit_feedback."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: FeedbackResult | None = None
 
 
 def _key(item) -> Key:
@@ -220,7 +233,7 @@ class Service:
         u = self.settings.ui
         self.board = Board(u.history, u.recent, u.picture_side, status=self._page_status,
                            on_error=lambda: self.metrics.observe_housekeeping_error("line_page")).start()
-        feedback = getattr(self, "submit_feedback", None)
+        feedback = self.submit_feedback
         try:
             self._line_page = LinePage(self.board, u.host, u.port, reset=self.request_reset,
                                        feedback=(lambda line, frame_id, verdict: feedback(line, frame_id, verdict,
@@ -242,6 +255,36 @@ class Service:
         except queue.Full:
             return f"the service is busy (queue of {self.work.maxsize} full); try again in a moment"
         return None
+
+    def submit_feedback(self, line: str, frame_id: str, verdict: str, source: str = "api",
+                        user: str | None = None) -> str | None:
+        """An operator's verdict on a decided frame from outside MQTT (the line page): the same
+        FeedbackCommand a line/<id>/feedback message makes, applied by the scoring stage in order
+        with the frames. Waits (up to a few seconds) until it is applied and audited. None when
+        accepted; otherwise one line saying why it did nothing to the model (busy, bad input, or the
+        frame is not known any more: that verdict is still audited)."""
+        if not isinstance(line, str) or not re.fullmatch(self.settings.frames.line_id_pattern, line):
+            return f"line id {line!r} does not match frames.line_id_pattern"
+        if not is_valid_id(frame_id):
+            return f"frame_id {frame_id!r} must be 1-128 printable characters (the id of a result or alert)"
+        try:
+            verdict = normalise_verdict(verdict)
+        except FeedbackError as exc:
+            return str(exc)
+        reply = _Reply()
+        command = FeedbackCommand(line, frame_id, verdict, str(source)[:64] or "api", user, None, time.time(), reply)
+        try:
+            self.work.put_nowait(command)
+        except queue.Full:
+            return f"the service is busy (queue of {self.work.maxsize} full); try again in a moment"
+        if threading.current_thread() is self._thread or not reply.done.wait(_FEEDBACK_WAIT_S):
+            logger.info("feedback on frame %s of line %s queued; its outcome goes to the audit", ascii(frame_id), line)
+            return None  # queued: the scoring stage is busy, the verdict is applied when it gets there
+        result = reply.result
+        if result is None or result.outcome in (APPLIED, ALREADY_NORMAL, RECORDED) or \
+                (result.outcome == UNKNOWN_FRAME and verdict == DEFECT):
+            return None  # a defect verdict is for the quality team: recorded whatever the model knows
+        return result.detail
 
     def _page_status(self) -> dict:
         """Service-wide state for the line page (read from its HTTP threads: cheap reads only)."""
@@ -382,7 +425,8 @@ class Service:
         self._connect_attempts = 1
         self.metrics.set_mqtt_connected(True)
         qos = s.qos
-        client.subscribe([(self.topics.subscribe_frames, qos), (self.topics.reset_filter, qos)])
+        client.subscribe([(self.topics.subscribe_frames, qos), (self.topics.reset_filter, qos),
+                          (feedback_filter(self.topics.prefix), qos)])
         model = self.engine.backbone if self.engine else None
         self.publisher.publish_status(
             model=f"{model.spec.name}@{model.image_size}" if model else "",
@@ -455,7 +499,7 @@ class Service:
     def _take(self, timeout: float | None) -> WorkItem:
         """One item off the work queue (``timeout=None``: only if one is there now)."""
         item = self.work.get(timeout=timeout) if timeout is not None else self.work.get_nowait()
-        if not isinstance(item, ResetCommand):
+        if not isinstance(item, COMMANDS):
             self.shares.removed(item.line)
         return item
 
@@ -529,6 +573,10 @@ class Service:
                 self._score(segment, out)
                 segment, seen = [], set()
                 self._apply_reset(item, out)
+            elif isinstance(item, FeedbackCommand):  # after the frames before it (it may name one of them)
+                self._score(segment, out)
+                segment, seen = [], set()
+                self._apply_feedback(item, out)
             elif (why := self._duplicate(item, seen)) is not None:
                 out.failures.append((FrameFailure("duplicate", why, item.line, item.frame_id, item.received_at,
                                                   item.ack), None))
@@ -693,11 +741,26 @@ class Service:
             self.metrics.observe_housekeeping_error("reset")
         out.acks.append(command.ack)
 
+    def _apply_feedback(self, command: FeedbackCommand, out: _Outcome) -> None:
+        """An operator's verdict, applied here because this stage alone owns the line state."""
+        try:
+            result = self.engine.apply_feedback(command.line, command.frame_id, command.verdict)
+        except Exception:  # noqa: BLE001 - a verdict must not stop scoring
+            logger.exception("feedback on frame %s of line %s failed", ascii(command.frame_id), command.line)
+            result = FeedbackResult(ERROR, "internal error applying the verdict; see service log")
+        logger.info("line %s: frame %s marked %s (%s, from %s): %s", command.line, ascii(command.frame_id),
+                    command.verdict, result.outcome, command.source, result.detail)
+        if result.outcome == APPLIED:
+            state = self.engine.lines.get(command.line)
+            if state is not None:
+                self.metrics.set_memory_patches(command.line, state.memory_size)
+        out.feedback.append((command, result))
+
     # -- the sink stage ------------------------------------------------------------------------
     def _handoff(self, out: _Outcome | None) -> None:
         """Give one outcome to the sink; blocks while the sink is behind (back-pressure), never
         forever when the sink has died."""
-        if out is not None and not (out.decisions or out.failures or out.acks or out.to_spool):
+        if out is not None and not (out.decisions or out.failures or out.acks or out.to_spool or out.feedback):
             return
         while True:
             try:
@@ -736,7 +799,7 @@ class Service:
                 continue
             self._ack(held.ack)
             held.ack = None
-        if not (out.decisions or out.failures or out.acks):
+        if not (out.decisions or out.failures or out.acks or out.feedback):
             return
         if not self._make_durable(out):
             return  # stopping with the audit failing: nothing acked, the broker redelivers
@@ -768,6 +831,18 @@ class Service:
                 self.metrics.observe_failure(f)
         for ack in out.acks:
             self._ack(ack)
+        for command, result in out.feedback:
+            self._guard("metrics", lambda c=command, r=result: self.metrics.observe_feedback(c.line, c.verdict,
+                                                                                               r.outcome))
+            if result.outcome == UNKNOWN_FRAME:  # the sender's answer on MQTT (the page gets it back too)
+                self._guard("publish", lambda c=command, r=result: self.publisher.publish_failure(FrameFailure(
+                    "feedback_unknown_frame", r.detail, c.line, c.frame_id, c.received_at)))
+            elif self.board is not None and self.board.knows(command.line, command.frame_id):
+                self._guard("line_page", lambda c=command: self.board.note_feedback(c.line, c.frame_id, c.verdict))
+            self._ack(command.ack)
+            if command.reply is not None:
+                command.reply.result = result
+                command.reply.done.set()
         self.frames_done += len(out.decisions)
 
     def _answer(self, ack: Ack | None, held: _Held | None) -> None:
@@ -805,6 +880,11 @@ class Service:
             self._write_row(self.audit.write_decision, d)
         for f, _ in out.failures:
             self._write_row(self.audit.write_failure, f)
+        model = self.engine.backbone if self.engine is not None else None
+        for command, result in out.feedback:
+            self._write_row(lambda c, r=result: self.audit.write_feedback(
+                c, r, f"{model.spec.name}@{model.image_size}" if model else "", model.weights_label if model else ""),
+                command)
         failing_since = None
         while True:
             try:

@@ -106,6 +106,14 @@ AUDIT_SCHEMA = pa.schema([
     ("service_version", pa.string()),
     ("error_reason", pa.string()),  # null for decisions
     ("error_detail", pa.string()),
+    # Operator feedback rows (README "Feedback"): null on decisions and failures. Added after the
+    # first release as nullable columns: files written before them still read (DuckDB
+    # union_by_name=true, or pyarrow.dataset with schema=AUDIT_SCHEMA), their feedback columns null.
+    ("feedback_verdict", pa.string()),  # not_defect | defect
+    ("feedback_outcome", pa.string()),  # applied | already_normal | recorded | unknown_frame | error
+    ("feedback_source", pa.string()),  # line_page | mqtt | what the sender called itself
+    ("feedback_user", pa.string()),
+    ("feedback_detail", pa.string()),
 ])
 
 
@@ -227,6 +235,29 @@ class AuditLog:
                    "line": _text(ascii(f.line)), "decided_at": _ms(now), "service_version": self.service_version,
                    "error_reason": _text(ascii(f.reason)), "error_detail": _text(ascii(f.detail), MAX_DETAIL_TEXT)}
         self._append(_text(f.line or None), self._partition_time(f.received_at, now), row)
+
+    def write_feedback(self, command: Any, result: Any, model: str = "", weights: str = "") -> None:
+        """Buffer one operator-feedback row (feedback.py: a FeedbackCommand and the engine's
+        FeedbackResult); durable after ``flush()``. ``decided_at`` is when the verdict was applied,
+        ``score`` the frame's image score when the engine still knew it."""
+        now = self._clock()
+        row: dict[str, Any] = {
+            "schema_version": AUDIT_SCHEMA_VERSION,
+            "frame_id": _text(command.frame_id),
+            "line": _text(command.line),
+            "received_at": _ms(command.received_at),
+            "decided_at": _ms(now),
+            "score": result.score,
+            "model": _text(model or None),
+            "weights": _text(weights or None),
+            "service_version": self.service_version,
+            "feedback_verdict": _text(command.verdict),
+            "feedback_outcome": _text(result.outcome),
+            "feedback_source": _text(command.source),
+            "feedback_user": _text(command.user),
+            "feedback_detail": _text(result.detail, MAX_DETAIL_TEXT),
+        }
+        self._append(_text(command.line), self._partition_time(now), row)
 
     def flush(self) -> list[Path]:
         """Make every buffered row durable; return the files (re)written, sealing full ones."""

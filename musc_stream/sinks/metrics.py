@@ -38,6 +38,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from musc_stream import __version__
+from musc_stream.feedback import OUTCOMES as FEEDBACK_OUTCOMES, VERDICTS as FEEDBACK_VERDICTS
 from musc_stream.records import Decision, FrameFailure
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ DROP_REASONS = ("queue_full", "stale", "duplicate", "reset_in_warmup")  # start 
 # Tasks of musc_housekeeping_errors_total, all at 0 from the start (a first error is then a visible increase).
 HOUSEKEEPING_TASKS = ("snapshot", "audit_flush", "audit_rotation", "audit_close", "audit_row", "publish", "spool",
                       "reset", "heartbeat", "metrics", "gpu_metrics")
+# musc_feedback_total{line,verdict,outcome}: the pairs that start at 0 per line (others appear when they happen).
+FEEDBACK_SERIES = (("not_defect", "applied"), ("not_defect", "already_normal"), ("not_defect", "unknown_frame"),
+                   ("defect", "recorded"), ("defect", "unknown_frame"))
 PUBLISH_KINDS = ("result", "anomaly", "heatmap", "error", "status")
 PUBLISH_FAILURE_REASONS = ("too_large", "client_error")
 
@@ -150,6 +154,11 @@ class Metrics:
         for kind in PUBLISH_KINDS:
             for reason in PUBLISH_FAILURE_REASONS:
                 self.publish_failures.labels(kind, reason)
+        self.feedback = Counter(
+            "musc_feedback",
+            "Operator verdicts on decided frames (line page or line/<id>/feedback), by verdict (not_defect, "
+            "defect, invalid) and outcome (applied, already_normal, recorded, unknown_frame, rejected, error).",
+            ["line", "verdict", "outcome"], registry=r)
         self.mqtt_connected = Gauge(
             "musc_mqtt_connected", "1 while connected to the MQTT broker, else 0.", registry=r)
         self.housekeeping_errors = Counter(
@@ -228,6 +237,12 @@ class Metrics:
         kind = kind if kind in PUBLISH_KINDS else "result"
         reason = reason if reason in PUBLISH_FAILURE_REASONS else "client_error"
         self.publish_failures.labels(kind, reason).inc()
+
+    def observe_feedback(self, line: str | None, verdict: str | None, outcome: str) -> None:
+        """Count one feedback; a verdict or outcome outside the fixed sets is counted as invalid / rejected."""
+        verdict = verdict if verdict in FEEDBACK_VERDICTS else "invalid"
+        outcome = outcome if outcome in FEEDBACK_OUTCOMES else "rejected"
+        self.feedback.labels(self._line(line), verdict, outcome).inc()
 
     def observe_drop(self, line: str | None, reason: str) -> None:
         """Count a valid frame dropped without a score (the caller logs it)."""
@@ -308,6 +323,8 @@ class Metrics:
                         counter.labels(line)
                     for reason in DROP_REASONS:
                         self.frames_dropped.labels(line, reason)
+                    for verdict, outcome in FEEDBACK_SERIES:
+                        self.feedback.labels(line, verdict, outcome)
                     self._lines.add(line)
         return line
 
