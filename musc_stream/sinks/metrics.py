@@ -1,7 +1,7 @@
 """Prometheus metrics: every musc_* metric in one registry, and the /metrics HTTP server.
 
-Labels are only ``line``, ``reason``, ``stage``, ``kind`` (of a message not published) and ``task``
-(of a housekeeping error), plus the constant model/weights/version labels of ``musc_info``: each
+Labels are only ``line``, ``reason``, ``stage``, ``kind`` (of a message not published), ``task``
+(of a housekeeping error) and ``verdict``/``outcome`` (of operator feedback, fixed sets), plus the constant model/weights/version labels of ``musc_info``: each
 label value is a time series kept forever, so never a frame id, and ``line`` only after ingest
 validated it (``_unknown`` otherwise). Every line's counters (its drops per DROP_REASONS too) start
 at 0 the first time the line is seen, so ``rate()`` and ``increase()`` see the first anomaly or

@@ -13,7 +13,8 @@ from musc_stream.records import Decision, FrameFailure
 from musc_stream.sinks import audit
 from musc_stream.sinks.metrics import Metrics, exported_metric_names, start_http_server
 
-ALLOWED_LABELS = {"line", "reason", "stage", "kind", "task", "le", "model", "weights", "version"}
+ALLOWED_LABELS = {"line", "reason", "stage", "kind", "task", "le", "model", "weights", "version",
+                  "verdict", "outcome"}  # verdict, outcome: musc_feedback_total, fixed sets
 
 
 def _decision(line: str, frame_id: str, **changes) -> Decision:
