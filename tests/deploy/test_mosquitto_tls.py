@@ -248,6 +248,23 @@ def test_only_the_operator_resets_a_line_for_every_worker(connect, tls_broker):
         assert (msg.topic, msg.payload) == ("line/line1/reset", command)
 
 
+def test_only_the_operator_sends_feedback(connect, tls_broker):
+    # A "not_defect" verdict teaches a line's memory and threshold: like a reset, only the operator
+    # may send one (deploy/mosquitto/acl), and every worker may read it.
+    workers = [connect(tls_broker.service_user), connect(tls_broker.second_worker_user)]
+    for worker in workers:
+        assert not worker.subscribe("line/+/feedback")[0].is_failure
+    not_authorized = ReasonCode(mqtt.PacketTypes.PUBACK, "Not authorized")
+    verdict = b'{"frame_id": "f1", "verdict": "not_defect"}'
+    for user in ("line1", tls_broker.consumer_user):
+        assert connect(user).publish("line/line1/feedback", verdict) == not_authorized, user
+    command = _payload()  # the sentinel: a refused verdict that got through would come before it
+    assert not connect(tls_broker.operator_user).publish("line/line1/feedback", command).is_failure
+    for worker in workers:
+        msg = worker.next_message()
+        assert (msg.topic, msg.payload) == ("line/line1/feedback", command)
+
+
 def test_service_status_birth_and_last_will(tls_broker, connect):
     topic = f"musc/test-{uuid.uuid4().hex[:8]}/status"
     service = Client(tls_broker, tls_broker.service_user)
