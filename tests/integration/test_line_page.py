@@ -112,17 +112,9 @@ def test_line_page_shows_frames_alerts_and_takes_feedback_and_reset(page_service
 
     # "Not a defect" on the first alert reaches the service.
     first = page.locator(f'{section} ul.alerts li[data-frame-id="{alerts[0]}"]')
-    feedback_on = hasattr(service, "submit_feedback")
-    if feedback_on:
-        first.locator('button[data-verdict="not_defect"]').click()
-        page.wait_for_function("el => el.textContent.includes('not a defect')",
-                               arg=first.locator(".verdict").element_handle(), timeout=10_000)
-    else:
-        assert first.locator('button[data-verdict="not_defect"]').is_disabled()
-        status, answer = post(service.ui_port, "/api/feedback",
-                              {"line": LINE, "frame_id": alerts[0], "verdict": "not_defect"},
-                              {"Content-Type": "application/json", "X-Musc-Action": "1"})
-        assert status == 501, answer
+    first.locator('button[data-verdict="not_defect"]').click()
+    page.wait_for_function("el => el.textContent.includes('not a defect')",
+                           arg=first.locator(".verdict").element_handle(), timeout=10_000)
 
     page.screenshot(path=str(tmp_path / "line-page.png"), full_page=True)
     if os.environ.get("UPDATE_README_SCREENSHOTS") == "1":
