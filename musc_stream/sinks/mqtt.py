@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import logging
-import math
 import time
 from typing import Any
 
@@ -95,32 +94,6 @@ def heatmap_png(heatmap: np.ndarray, image: np.ndarray | None = None, vmin: floa
     buffer = io.BytesIO()
     Image.fromarray((rgb * 255).astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-MIN_PICTURE_SIDE = 32  # a heatmap scaled below this says nothing; the alert goes out without it
-_PNG_BYTES_PER_PIXEL = 2.0  # first guess for a blended frame; the fit loop corrects it
-
-
-def fit_heatmap_png(heatmap: np.ndarray, image: np.ndarray | None, vmax: float | None,
-                    max_bytes: int) -> tuple[bytes | None, float]:
-    """The heatmap PNG at the largest scale (<= 1) whose size is at most ``max_bytes``.
-
-    Returns (png, scale), or (None, 0.0) when even a MIN_PICTURE_SIDE picture does not fit. The first
-    try is sized from the pixel count, so a 12 MP frame is not encoded at full size only to be
-    thrown away; each retry shrinks by the measured overshoot.
-    """
-    height, width = heatmap.shape[:2]
-    floor = MIN_PICTURE_SIDE / max(1, min(height, width))
-    scale = min(1.0, math.sqrt(max(max_bytes, 1) / (_PNG_BYTES_PER_PIXEL * width * height)))
-    for _ in range(8):
-        scale = max(scale, min(1.0, floor))
-        png = heatmap_png(heatmap, image, vmax=vmax, scale=scale)
-        if len(png) <= max_bytes:
-            return png, scale
-        if scale <= floor:
-            break
-        scale *= 0.95 * math.sqrt(max_bytes / len(png))
-    return None, 0.0
 
 
 class MqttPublisher:
