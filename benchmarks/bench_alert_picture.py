@@ -23,9 +23,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 
-from musc_stream.records import Decision  # noqa: E402
-from musc_stream.regions import find_regions  # noqa: E402
-from musc_stream.sinks.alert_picture import alert_png, frame_png, natural_scale  # noqa: E402
+from musc_stream.service.sinks.alert_picture import alert_png, frame_png, natural_scale  # noqa: E402
+from musc_stream.stream.records import Decision  # noqa: E402
+from musc_stream.stream.regions import find_regions  # noqa: E402
 
 SIZES = {"tile 494×361": (494, 361), "2 MP": (1600, 1200), "12 MP": (4000, 3000)}
 REPEATS = {"tile 494×361": 15, "2 MP": 5, "12 MP": 3}

@@ -22,9 +22,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 
-from musc_stream.config import DEFAULT_MAX_PUBLISH_BYTES  # noqa: E402
-from musc_stream.records import Decision  # noqa: E402
-from musc_stream.sinks.mqtt import MqttPublisher  # noqa: E402
+from musc_stream.service.config import DEFAULT_MAX_PUBLISH_BYTES  # noqa: E402
+from musc_stream.service.sinks.mqtt_publish import MqttPublisher  # noqa: E402
+from musc_stream.stream.records import Decision  # noqa: E402
 
 SIZES = {"2 MP": (1600, 1200), "5 MP": (2592, 1944), "12 MP": (4000, 3000)}
 LIMITS = {"mqtt.max_publish_bytes (8 MiB)": DEFAULT_MAX_PUBLISH_BYTES,

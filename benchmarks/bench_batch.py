@@ -21,9 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 
-from musc_stream.datasets import MAGNETIC_TILE, RSCIN_WINDOWS, discover, load_image  # noqa: E402
-from musc_stream.evaluate import Selection, run_batch_eval  # noqa: E402
-from musc_stream.metrics import image_metrics  # noqa: E402
+from musc_stream.evaluation.datasets import MAGNETIC_TILE, RSCIN_WINDOWS, discover, load_image  # noqa: E402
+from musc_stream.evaluation.quality_metrics import image_metrics  # noqa: E402
+from musc_stream.evaluation.runs import Selection, run_batch_eval  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
 from musc_stream.model.musc import MuscSettings, musc_from_tokens  # noqa: E402
 

@@ -29,12 +29,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
-from musc_stream.datasets import load_image  # noqa: E402
-from musc_stream.engine import Engine, EngineConfig  # noqa: E402
-from musc_stream.feedback import APPLIED, NOT_DEFECT  # noqa: E402
+from musc_stream.evaluation.datasets import load_image  # noqa: E402
+from musc_stream.evaluation.stream_eval import PrecomputedBackbone, build_lines, embed_cached  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
-from musc_stream.records import Frame  # noqa: E402
-from musc_stream.stream_eval import PrecomputedBackbone, build_lines, embed_cached  # noqa: E402
+from musc_stream.stream.engine import Engine, EngineConfig  # noqa: E402
+from musc_stream.stream.feedback import APPLIED, NOT_DEFECT  # noqa: E402
+from musc_stream.stream.records import Frame  # noqa: E402
 
 FEEDBACK_COUNTS = (0, 1, 3, 5, 10)  # 0 = no feedback (the baseline); 10 = all of the first 10
 

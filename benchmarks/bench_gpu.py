@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_throughput import backbone_only, run_service  # noqa: E402
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 
-from musc_stream.datasets import load_image  # noqa: E402
+from musc_stream.evaluation.datasets import load_image  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
 from musc_stream.model.batch import score_batch  # noqa: E402
 

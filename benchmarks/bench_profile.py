@@ -29,12 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 
-from musc_stream.config import load_settings  # noqa: E402
-from musc_stream.engine import Engine, EngineConfig  # noqa: E402
-from musc_stream.frames import decode_frame, frame_user_properties  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
-from musc_stream.sinks.audit import AuditLog  # noqa: E402
-from musc_stream.sinks.mqtt import heatmap_png, result_record  # noqa: E402
+from musc_stream.service.config import load_settings  # noqa: E402
+from musc_stream.service.frames import decode_frame, frame_user_properties  # noqa: E402
+from musc_stream.service.sinks.audit import AuditLog  # noqa: E402
+from musc_stream.service.sinks.mqtt_publish import heatmap_png, result_record  # noqa: E402
+from musc_stream.stream.engine import Engine, EngineConfig  # noqa: E402
 
 # (label, file suffix, function name) whose cumulative time is a stage; nested stages are
 # subtracted from their parent below.
@@ -51,7 +51,7 @@ STAGES = [
     ("window + memory + threshold update", "engine.py", "_remember"),
     ("audit row + Parquet flush (sink)", "audit.py", "write_decision"),
     ("audit flush (sink)", "audit.py", "flush"),
-    ("result JSON (sink)", "mqtt.py", "result_record"),
+    ("result JSON (sink)", "mqtt_publish.py", "result_record"),
 ]
 
 

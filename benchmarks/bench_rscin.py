@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 
-from musc_stream.datasets import camera_setup, discover, load_image, load_mask  # noqa: E402
-from musc_stream.evaluate import Selection  # noqa: E402
-from musc_stream.metrics import image_metrics, pixel_metrics  # noqa: E402
+from musc_stream.evaluation.datasets import camera_setup, discover, load_image, load_mask  # noqa: E402
+from musc_stream.evaluation.quality_metrics import image_metrics, pixel_metrics  # noqa: E402
+from musc_stream.evaluation.runs import Selection  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
 from musc_stream.model.musc import MuscSettings, musc_from_tokens, rscin, upsample_maps  # noqa: E402
 
@@ -48,9 +48,9 @@ SET_TEXT = {"stream": "the 200 frames of stream_vs_batch.md (all set-ups, 20 def
 def stream_frames(samples, n_frames=200, anomaly_rate=0.1, seed=42):
     """The frames of the stream-vs-batch benchmark (musc-stream eval --stream defaults)."""
     try:
-        from musc_stream.stream_eval import seeded_stream
+        from musc_stream.evaluation.stream_eval import seeded_stream
     except ImportError:  # before the stream evaluation moved out of evaluate.py
-        from musc_stream.evaluate import seeded_stream
+        from musc_stream.evaluation.runs import seeded_stream
     return seeded_stream(samples, n_frames, anomaly_rate, seed)
 
 

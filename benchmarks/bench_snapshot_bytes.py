@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, environment_lines  # noqa: E402
 
 from musc_stream.model.memory import PatchMemory  # noqa: E402
-from musc_stream.state_plan import LinePlan, SnapshotBudget, threshold_text  # noqa: E402
-from musc_stream.state_store import SnapshotStore  # noqa: E402
-from musc_stream.threshold import AdaptiveThreshold  # noqa: E402
+from musc_stream.state.plan import LinePlan, SnapshotBudget, threshold_text  # noqa: E402
+from musc_stream.state.store import SnapshotStore  # noqa: E402
+from musc_stream.stream.threshold import AdaptiveThreshold  # noqa: E402
 
 DIMS = {f"l{i}_r3": 384 for i in range(4)}
 CAP, PER_FRAME, TICK_S, BUDGET = 20_000, 256, 60.0, 1024 ** 3

@@ -34,9 +34,9 @@ from paho.mqtt.properties import Properties
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 
-from musc_stream.broker import LocalBroker  # noqa: E402
-from musc_stream.frames import frame_user_properties  # noqa: E402
-from musc_stream.replay import image_files  # noqa: E402
+from musc_stream.devtools.broker import LocalBroker  # noqa: E402
+from musc_stream.devtools.replay import image_files  # noqa: E402
+from musc_stream.service.frames import frame_user_properties  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = {"name": "random-vit-tiny", "image_size": 112}

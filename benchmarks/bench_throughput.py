@@ -25,12 +25,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 
-from musc_stream.broker import LocalBroker, free_port  # noqa: E402
-from musc_stream.config import load_settings  # noqa: E402
-from musc_stream.datasets import load_image  # noqa: E402
+from musc_stream.devtools.broker import LocalBroker, free_port  # noqa: E402
+from musc_stream.devtools.replay import Camera  # noqa: E402
+from musc_stream.evaluation.datasets import load_image  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
-from musc_stream.replay import Camera  # noqa: E402
-from musc_stream.service import Service  # noqa: E402
+from musc_stream.service.config import load_settings  # noqa: E402
+from musc_stream.service.wiring import Service  # noqa: E402
 
 
 def backbone_only(backbone, images, batch_size: int) -> float:

@@ -123,7 +123,7 @@ def _add_model_args(p: argparse.ArgumentParser, image_size: int = 224) -> None:
 
 def _load_backbone(args):
     from musc_stream.model.backbone import BackboneSpec, WeightsNotFoundError, load_backbone
-    from musc_stream.service import resolve_device
+    from musc_stream.service.wiring import resolve_device
 
     pretrained = None if str(args.pretrained).lower() in ("none", "random", "") else args.pretrained
     device = resolve_device(_check_device(args.device, "--device"))
@@ -168,10 +168,10 @@ def _progress(stage: str, done: int, total: int) -> None:
 
 
 def cmd_eval(args) -> int:
-    from musc_stream.datasets import DatasetError
-    from musc_stream.evaluate import Selection, run_batch_eval
+    from musc_stream.evaluation.datasets import DatasetError
+    from musc_stream.evaluation.report import write_report
+    from musc_stream.evaluation.runs import Selection, run_batch_eval
     from musc_stream.model.musc import MuscSettings
-    from musc_stream.report import write_report
 
     root = Path(args.data)
     if not root.exists():
@@ -207,8 +207,8 @@ def _write_grid_and_table(out: Path, name: str, root: Path, output) -> None:
     defect type) and scores_<name>.csv (every image) beside it."""
     import numpy as np
 
-    from musc_stream.datasets import load_image, load_mask
-    from musc_stream.report import GridItem, write_heatmap_grid, write_score_table
+    from musc_stream.evaluation.datasets import load_image, load_mask
+    from musc_stream.evaluation.report import GridItem, write_heatmap_grid, write_score_table
 
     samples, maps, scores, threshold = output
     normal = sorted((i for i, s in enumerate(samples) if s.label == 0), key=lambda i: -scores[i])
@@ -243,9 +243,9 @@ def _eval_stream(args, root: Path, out: Path, backbone) -> int:
     """``eval --stream``: one line per camera set-up through the service's engine (stream_eval.py)."""
     from dataclasses import replace
 
-    from musc_stream.engine import EngineConfig
+    from musc_stream.evaluation.stream_eval import run_stream_eval, stream_report_markdown
     from musc_stream.model.musc import MuscSettings
-    from musc_stream.stream_eval import run_stream_eval, stream_report_markdown
+    from musc_stream.stream.engine import EngineConfig
 
     config = EngineConfig()
     if args.window is not None:
@@ -272,7 +272,7 @@ def _eval_stream(args, root: Path, out: Path, backbone) -> int:
 
 
 def cmd_config(args) -> int:
-    from musc_stream.config import describe_settings
+    from musc_stream.service.config import describe_settings
 
     print(describe_settings(_settings(args)))
     return 0
@@ -284,7 +284,7 @@ def cmd_config(args) -> int:
 def _settings(args):
     from pydantic import ValidationError
 
-    from musc_stream.config import ConfigError, load_settings
+    from musc_stream.service.config import ConfigError, load_settings
 
     try:
         return load_settings(Path(args.config) if args.config else None)
@@ -297,7 +297,7 @@ def _settings(args):
 def _serve_backbone(settings):
     """Load the model before anything connects, so a wrong name or missing weights is one line."""
     from musc_stream.model.backbone import WeightsNotFoundError
-    from musc_stream.service import backbone_from_settings
+    from musc_stream.service.wiring import backbone_from_settings
 
     m = settings.model
     _check_device(m.device, "model.device (MUSC_MODEL__DEVICE)")
@@ -311,8 +311,8 @@ def _serve_backbone(settings):
 
 def cmd_serve(args) -> int:
     from musc_stream.model.backbone import WeightsNotFoundError
-    from musc_stream.service import Service, StartupError
-    from musc_stream.sinks.metrics import MetricsBindError
+    from musc_stream.service.sinks.prometheus import MetricsBindError
+    from musc_stream.service.wiring import Service, StartupError
 
     settings = _settings(args)
     _setup_logging(args.log_level or settings.log.level, settings.log.format)
@@ -327,7 +327,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from musc_stream.replay import Camera, image_files
+    from musc_stream.devtools.replay import Camera, image_files
 
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -350,7 +350,7 @@ def cmd_replay(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from musc_stream.demo import run_demo
+    from musc_stream.devtools.demo import run_demo
 
     data = Path(args.data) if args.data else None
     summary = run_demo(Path(args.out), data, n_frames=args.frames, seed=args.seed,

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musc_stream.datasets import load_image
-from musc_stream.engine import Engine, EngineConfig
+from musc_stream.evaluation.datasets import load_image
 from musc_stream.model.backbone import BackboneSpec, load_backbone
-from musc_stream.records import Frame
-from musc_stream.sinks.alert_picture import alert_png, natural_scale
+from musc_stream.service.sinks.alert_picture import alert_png, natural_scale
+from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.stream.records import Frame
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musc_stream.budget import MIB, ByteBudget, Ticket
-from musc_stream.config import FrameLimits
-from musc_stream.frames import Refused, decode_frame
+from musc_stream.service.budget import MIB, ByteBudget, Ticket
+from musc_stream.service.config import FrameLimits
+from musc_stream.service.frames import Refused, decode_frame
 
 
 def test_a_flooding_line_cannot_take_the_room_of_another():

@@ -128,7 +128,7 @@ def test_replay_publishes_a_folder_to_a_real_broker(tmp_path):
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from musc_stream.broker import LocalBroker
+    from musc_stream.devtools.broker import LocalBroker
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -1,4 +1,4 @@
-"""Tests of musc_stream.config: env names, TOML, precedence, validation rules, secrets."""
+"""Tests of musc_stream.service.config: env names, TOML, precedence, validation rules, secrets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from musc_stream.config import (
+from musc_stream.service.config import (
     ConfigError,
     FrameLimits,
     MqttSettings,

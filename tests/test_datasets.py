@@ -1,4 +1,4 @@
-"""Tests of musc_stream/datasets.py on tiny folders built in tmp_path and on the real magnetic tiles."""
+"""Tests of musc_stream/evaluation/datasets.py on tiny folders built in tmp_path and on the real magnetic tiles."""
 
 from collections import Counter
 from pathlib import Path
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musc_stream.datasets import (
+from musc_stream.evaluation.datasets import (
     MASK_RULES,
     DatasetError,
     Sample,

@@ -1,9 +1,9 @@
 """Decided ids rebuilt from a real Parquet audit: only decisions count, newest kept."""
 
 
-from musc_stream.dedupe import RecentIds, decided_in_audit
-from musc_stream.records import Decision, FrameFailure
-from musc_stream.sinks.audit import AuditLog
+from musc_stream.service.dedupe import RecentIds, decided_in_audit
+from musc_stream.service.sinks.audit import AuditLog
+from musc_stream.stream.records import Decision, FrameFailure
 
 
 def _decision(line: str, frame_id: str, t: float) -> Decision:
@@ -35,8 +35,8 @@ def test_missing_audit_is_empty_and_capacity_is_kept(tmp_path):
 
 
 def test_last_decisions_come_back_as_decisions(tmp_path):
-    from musc_stream.dedupe import last_decisions
-    from musc_stream.records import Region
+    from musc_stream.service.dedupe import last_decisions
+    from musc_stream.stream.records import Region
 
     d = _decision("a", "f9", 1_700_000_100)
     d.is_anomaly, d.threshold, d.regions = True, 0.05, [Region(1, 2, 3, 4, 0.5, 4)]

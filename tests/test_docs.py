@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from musc_stream import cli
-from musc_stream.config import CONFIG_ENV, ENV_PREFIX, Settings, _env_names
+from musc_stream.service.config import CONFIG_ENV, ENV_PREFIX, Settings, _env_names
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "deploy").glob("**/README.md")])
@@ -167,3 +167,23 @@ def test_docs_named_elsewhere_exist():
     assert named, "no doc is named anywhere: the pattern above is broken"
     missing = sorted(name for name in named if not (REPO / name).is_file())
     assert missing == []
+
+
+def test_package_layout_table_names_every_module_once():
+    """README's package table is how a newcomer finds a file: each module of the package is in it, in
+    its package's row group, and no module name is used twice in the package (the house plan)."""
+    section = _readme_section("## Package layout")
+    modules = sorted(p for p in (REPO / "musc_stream").rglob("*.py") if p.name != "__init__.py")
+    names = [p.name for p in modules]
+    assert len(names) == len(set(names)), f"module names used twice: {sorted({n for n in names if names.count(n) > 1})}"
+    missing = [str(p.relative_to(REPO)) for p in modules if f"`{p.name}`" not in section]
+    assert not missing, f"README's package layout does not name: {missing}"
+    for package in sorted({p.parent.relative_to(REPO / "musc_stream").parts[0] for p in modules if p.parent != REPO / "musc_stream"}):
+        assert f"`{package}/`" in section, f"README's package layout has no row for {package}/"
+
+
+def _readme_section(title: str) -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index(title)
+    end = text.find("\n## ", start + len(title))
+    return text[start:end if end != -1 else None]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from skimage import data
 
-from musc_stream.engine import Engine, EngineConfig
 from musc_stream.model.backbone import BackboneSpec, load_backbone
-from musc_stream.records import Frame
+from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.stream.records import Frame
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_a_damaged_snapshot_is_set_aside_and_the_line_starts_fresh(backbone, tmp
     run(engine, frames_for("good", crops(data.brick(), 14, seed=10)))
     run(engine, frames_for("bad", crops(data.brick(), 14, seed=11)))
     engine.save_state(tmp_path)
-    from musc_stream.engine import state_dir_name
+    from musc_stream.stream.engine import state_dir_name
 
     bad = tmp_path / state_dir_name("bad")
     threshold = bad / "threshold.json"
@@ -200,7 +200,7 @@ def test_a_threshold_of_another_version_is_relearnt_and_the_memory_kept(backbone
     engine = Engine(backbone, config)
     run(engine, frames_for("a", crops(data.brick(), 14, seed=13)))
     engine.save_state(tmp_path)
-    from musc_stream.engine import state_dir_name
+    from musc_stream.stream.engine import state_dir_name
 
     threshold = tmp_path / state_dir_name("a") / "threshold.json"
     saved = json.loads(threshold.read_text())

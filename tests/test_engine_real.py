@@ -12,12 +12,12 @@ import pytest
 import skimage.data
 import torch
 
-from musc_stream.datasets import discover, load_image
-from musc_stream.engine import Engine, EngineConfig, state_dir_name
+from musc_stream.evaluation.datasets import discover, load_image
+from musc_stream.evaluation.datasets import camera_setup
+from musc_stream.evaluation.stream_eval import PrecomputedBackbone
 from musc_stream.model.backbone import BackboneSpec, load_backbone
-from musc_stream.records import Frame
-from musc_stream.datasets import camera_setup
-from musc_stream.stream_eval import PrecomputedBackbone
+from musc_stream.stream.engine import Engine, EngineConfig, state_dir_name
+from musc_stream.stream.records import Frame
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musc_stream.datasets import MASK_RULES, RSCIN_WINDOWS
-from musc_stream.evaluate import Selection, run_batch_eval
+from musc_stream.evaluation.datasets import MASK_RULES, RSCIN_WINDOWS
+from musc_stream.evaluation.runs import Selection, run_batch_eval
 from musc_stream.model.backbone import BackboneSpec, load_backbone
 from musc_stream.model.musc import MuscSettings
 

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from skimage import data
 
-from musc_stream.engine import Engine, EngineConfig
-from musc_stream.feedback import (ALREADY_NORMAL, APPLIED, RECORDED, UNKNOWN_FRAME, FeedbackError, RecentFrames,
-                                  parse_payload)
-from musc_stream.frames import is_valid_id
 from musc_stream.model.backbone import BackboneSpec, load_backbone
-from musc_stream.ui.board import VERDICTS as PAGE_VERDICTS
-from musc_stream.feedback import VERDICTS
+from musc_stream.service.frames import is_valid_id
+from musc_stream.service.ui.board import VERDICTS as PAGE_VERDICTS
+from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.stream.feedback import (ALREADY_NORMAL, APPLIED, RECORDED, UNKNOWN_FRAME, FeedbackError, RecentFrames,
+                                         parse_payload)
+from musc_stream.stream.feedback import VERDICTS
 
 from tests.test_engine import crops, frames_for, run
 

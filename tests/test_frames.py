@@ -1,4 +1,4 @@
-"""Tests of musc_stream.frames: real JPEG/PNG payloads in, Frames or FrameErrors with the right reason out."""
+"""Tests of musc_stream.service.frames: real JPEG/PNG payloads in, Frames or FrameErrors with the right reason out."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musc_stream.config import FrameLimits
-from musc_stream.frames import (
+from musc_stream.service.config import FrameLimits
+from musc_stream.service.frames import (
     REASONS,
     FrameError,
     decode_frame,

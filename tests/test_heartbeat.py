@@ -1,6 +1,6 @@
 """Heartbeat: rates and p95 per line, and a warning for a line that falls behind."""
 
-from musc_stream.heartbeat import Heartbeat
+from musc_stream.service.heartbeat import Heartbeat
 
 
 def test_report_rates_p95_and_behind():

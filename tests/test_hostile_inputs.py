@@ -22,13 +22,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
 
-from musc_stream.broker import LocalBroker
 from musc_stream.cli import _JsonFormatter, _TextFormatter
-from musc_stream.config import FrameLimits, MqttSettings
-from musc_stream.frames import MAX_ID_CHARS, FrameError, decode_frame, escape_text, is_valid_id
-from musc_stream.mqtt import connect_kwargs, create_client
-from musc_stream.records import FrameFailure
-from musc_stream.sinks.audit import AuditLog
+from musc_stream.devtools.broker import LocalBroker
+from musc_stream.service.config import FrameLimits, MqttSettings
+from musc_stream.service.frames import MAX_ID_CHARS, FrameError, decode_frame, escape_text, is_valid_id
+from musc_stream.service.mqtt_client import connect_kwargs, create_client
+from musc_stream.service.sinks.audit import AuditLog
+from musc_stream.stream.records import FrameFailure
 
 LIMITS = FrameLimits()
 TOPIC = "line/press-1/frames"
@@ -251,7 +251,7 @@ def test_poison_frames_never_stop_the_network_thread(magnetic_tile, tmp_path):
 def test_an_unexpected_error_inside_decoding_is_still_an_error_record(magnetic_tile, caplog):
     """A shape of input nobody planned for (here user properties that are not pairs) must cost one
     frame: FrameError decode_failed, logged with its traceback, never an exception of another type."""
-    with caplog.at_level(logging.ERROR, logger="musc_stream.frames"):
+    with caplog.at_level(logging.ERROR, logger="musc_stream.service.frames"):
         err = _error(_png(magnetic_tile), props=[("frame_id", "a", "surplus")])
     assert err.reason == "decode_failed" and "ValueError" in err.detail
-    assert any(r.exc_info for r in caplog.records if r.name == "musc_stream.frames")
+    assert any(r.exc_info for r in caplog.records if r.name == "musc_stream.service.frames")

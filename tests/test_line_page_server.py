@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from musc_stream.records import Decision
-from musc_stream.ui import Board, LinePage, LinePageBindError
-from musc_stream.ui.server import MAX_STREAMS
+from musc_stream.service.ui import Board, LinePage, LinePageBindError
+from musc_stream.service.ui.server import MAX_STREAMS
+from musc_stream.stream.records import Decision
 
 ACTION = {"Content-Type": "application/json", "X-Musc-Action": "1"}
 

@@ -1,6 +1,6 @@
 """Fair share of the ingest queue: one flooding line cannot take the room other lines need."""
 
-from musc_stream.ingest import LineShares
+from musc_stream.service.ingest import LineShares
 
 
 def test_a_flooding_line_leaves_room_for_the_others():

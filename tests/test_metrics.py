@@ -1,4 +1,4 @@
-"""Tests of musc_stream/metrics.py against sklearn, hand-computed cases and a naive AUPRO."""
+"""Tests of musc_stream/evaluation/quality_metrics.py against sklearn, hand-computed cases and a naive AUPRO."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import auc, average_precision_score, roc_auc_score
 
-from musc_stream.metrics import aupro, f1_max, image_metrics, pixel_metrics
+from musc_stream.evaluation.quality_metrics import aupro, f1_max, image_metrics, pixel_metrics
 
 
 def _naive_aupro(masks, maps, steps=200, max_fpr=0.3):

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from musc_stream.regions import find_regions
+from musc_stream.stream.regions import find_regions
 
 
 def test_two_blobs_become_two_boxes_strongest_first():

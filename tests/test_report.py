@@ -1,4 +1,4 @@
-"""Tests of musc_stream/report.py: report.json round trip, Markdown table, heatmap grid PNG."""
+"""Tests of musc_stream/evaluation/report.py: report.json round trip, Markdown table, heatmap grid PNG."""
 
 import csv
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musc_stream.report import GRID_TILE_HEIGHT, GridItem, verdict, write_heatmap_grid, write_report, \
+from musc_stream.evaluation.report import GRID_TILE_HEIGHT, GridItem, verdict, write_heatmap_grid, write_report, \
     write_score_table
 
 
@@ -72,7 +72,7 @@ def test_report_markdown_table(tmp_path):
 
 
 def test_report_markdown_says_how_masks_were_binarised(tmp_path):
-    from musc_stream.datasets import MASK_RULES
+    from musc_stream.evaluation.datasets import MASK_RULES
 
     result = _result()
     result["categories"]["magnetic_tile"]["mask_rule"] = f"magnetic_tile: {MASK_RULES['magnetic_tile']}"

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from musc_stream.records import Frame
-from musc_stream.spool import FrameSpool
+from musc_stream.service.spool import FrameSpool
+from musc_stream.stream.records import Frame
 
 
 def _frame(i: int, frame_id: str = None) -> Frame:

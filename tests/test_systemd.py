@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from musc_stream import systemd
+from musc_stream.service import systemd
 
 
 def _receive(sock: socket.socket) -> bytes:
@@ -103,13 +103,13 @@ def test_without_systemd_every_call_is_a_no_op(env):
 
 def test_a_missing_socket_is_logged_not_raised(tmp_path, caplog):
     address = str(tmp_path / "gone")
-    with caplog.at_level("WARNING", logger="musc_stream.systemd"):
+    with caplog.at_level("WARNING", logger="musc_stream.service.systemd"):
         assert systemd.notify("READY=1", {"NOTIFY_SOCKET": address}) is False
     assert address in caplog.text
 
 
 def test_an_unsupported_address_is_refused(caplog):
-    with caplog.at_level("WARNING", logger="musc_stream.systemd"):
+    with caplog.at_level("WARNING", logger="musc_stream.service.systemd"):
         assert systemd.notify("READY=1", {"NOTIFY_SOCKET": "vsock:2:1234"}) is False
     assert "vsock:2:1234" in caplog.text
 

@@ -1,4 +1,4 @@
-"""Tests of musc_stream/threshold.py: each method hits its target false-alarm rate on samples with
+"""Tests of musc_stream/stream/threshold.py: each method hits its target false-alarm rate on samples with
 known quantiles (seeded), warm-up, robustness to defects under the threshold, overrides, persistence,
 old state versions, guards (few excesses, constant and non-finite scores). Pure math: no models."""
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from musc_stream.threshold import (
+from musc_stream.stream.threshold import (
     DEFAULT_METHOD,
     METHODS,
     STATE_VERSION,

@@ -33,7 +33,7 @@ class EmptyMemoryError(RuntimeError):
 
 @dataclass(frozen=True)
 class MemoryRows:
-    """Copies of some stored patches, in index order, for a snapshot (see musc_stream/state_store.py).
+    """Copies of some stored patches, in index order, for a snapshot (see musc_stream/state/store.py).
 
     seqs: (n,) int64 row ids, ascending: every patch ever added gets the next id, so a snapshot can
     say which rows it already holds and which of them are no longer live."""
@@ -415,7 +415,7 @@ class PatchMemory:
 
     def save(self, path_dir: Path | str) -> None:
         """Write the memory to the folder path_dir, replacing what is there (the single-folder
-        format of earlier releases; the service now writes musc_stream/state_store.py's segments,
+        format of earlier releases; the service now writes musc_stream/state/store.py's segments,
         and still loads this format once, see Engine.load_state).
 
         Layout: memory.json (format, dims, metadata, file names, RNG state), one FAISS index file per

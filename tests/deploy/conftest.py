@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from musc_stream.records import Decision, FrameFailure
-from musc_stream.sinks.metrics import Metrics, MetricsServer, start_http_server
+from musc_stream.service.sinks.prometheus import Metrics, MetricsServer, start_http_server
+from musc_stream.stream.records import Decision, FrameFailure
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

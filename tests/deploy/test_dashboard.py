@@ -218,7 +218,7 @@ ZERO_WHEN_QUIET = ("Drops and errors /s", "Housekeeping errors /s", "Acks droppe
 def test_drop_and_error_panels_read_zero_when_nothing_went_wrong(prometheus, live_metrics, line):
     # "No data" on a drops panel reads as a broken dashboard (or a dead service); a quiet line shows 0.
     # quiet: a line that is scored but never dropped a frame; absent: a line no worker knows.
-    from musc_stream.sinks.metrics import DROP_REASONS
+    from musc_stream.service.sinks.prometheus import DROP_REASONS
 
     name = next(n for n in live_metrics.lines if n != live_metrics.dropped[0]) if line == "quiet" else "no-such-line"
     panels = {p["title"]: p for p in _panels(_dashboard())}

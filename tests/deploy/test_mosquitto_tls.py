@@ -388,8 +388,8 @@ def test_queue_limits_cover_the_documented_outage():
 
 def test_broker_tells_the_service_its_packet_limit(tls_broker):
     """The service reads the CONNACK Maximum Packet Size and keeps every payload under it."""
-    from musc_stream.config import MqttSettings
-    from musc_stream.mqtt import connect_kwargs, create_client
+    from musc_stream.service.config import MqttSettings
+    from musc_stream.service.mqtt_client import connect_kwargs, create_client
 
     settings = MqttSettings(host=tls_broker.host, port=tls_broker.port, instance="limit-check",
                             username=tls_broker.service_user, password=tls_broker.users[tls_broker.service_user],

@@ -23,10 +23,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from musc_stream.broker import LocalBroker
-from musc_stream.config import Settings, load_settings
-from musc_stream.replay import Camera
-from musc_stream.service import Service
+from musc_stream.devtools.broker import LocalBroker
+from musc_stream.devtools.replay import Camera
+from musc_stream.service.config import Settings, load_settings
+from musc_stream.service.wiring import Service
 
 # tests/conftest.py has no package beside it, so pytest puts tests/ on sys.path; this is the same
 # module the integration tests import as .helpers.
@@ -163,7 +163,7 @@ def test_service_without_credentials_is_refused_and_stops_cleanly(tls_broker: Tl
     # It got through the TLS handshake and the broker turned it away with CONNACK "Not
     # authorized" (not, say, a certificate error), and the service logged why.
     where = f"broker {tls_broker.host}:{tls_broker.port}"
-    refusals = [r.getMessage() for r in caplog.records if r.name == "musc_stream.service"
+    refusals = [r.getMessage() for r in caplog.records if r.name == "musc_stream.service.wiring"
                 and r.getMessage().startswith(f"{where} refused")]
     assert refusals, [r.getMessage() for r in caplog.records]
     assert all(m.startswith(f"{where} refused the connection: Not authorized") for m in refusals), refusals

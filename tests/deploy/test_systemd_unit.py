@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from musc_stream.config import MQTT_PASSWORD_CREDENTIAL, load_settings
+from musc_stream.service.config import MQTT_PASSWORD_CREDENTIAL, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "musc-stream.service"

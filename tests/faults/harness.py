@@ -26,8 +26,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
 
-from musc_stream.broker import LocalBroker, free_port
-from musc_stream.frames import encode_envelope, frame_user_properties
+from musc_stream.devtools.broker import LocalBroker, free_port
+from musc_stream.service.frames import encode_envelope, frame_user_properties
 
 LINES = tuple(f"line{i}" for i in range(8))  # 8 lines starting together
 

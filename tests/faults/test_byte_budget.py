@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from musc_stream.broker import free_port
+from musc_stream.devtools.broker import free_port
 
 from .harness import Fleet, Results, ServiceProcess, frame_payloads, ledger, wait_until
 

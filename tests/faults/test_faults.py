@@ -257,7 +257,7 @@ def test_torn_and_corrupt_memory_snapshots_then_restart(rig_factory, fault_table
     rig.fleet.round(PAYLOADS, WARMUP + 1, WARMUP)  # the window is not persisted: warm-up again
     assert wait_until(lambda: rig.answered() >= 8 * (2 * WARMUP + 1), 120)
     assert rig.service.signal(signal.SIGTERM) == 0  # generation 2: the new rows only
-    from musc_stream.engine import state_dir_name
+    from musc_stream.stream.engine import state_dir_name
 
     state = rig.service.dir / "state"
     torn = sorted((state / state_dir_name("line0")).glob("seg-*.bin"))[-1]

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from musc_stream.broker import LocalBroker
+from musc_stream.devtools.broker import LocalBroker
 
 
 @pytest.fixture

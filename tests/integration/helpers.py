@@ -15,8 +15,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from PIL import Image
 
-from musc_stream.broker import LocalBroker
-from musc_stream.config import Settings, load_settings
+from musc_stream.devtools.broker import LocalBroker
+from musc_stream.service.config import Settings, load_settings
 
 
 def brick_frames(n: int, defects: set[int], seed: int = 0, size: int = 192) -> list[bytes]:
@@ -151,7 +151,7 @@ class AckedCamera:
     the broker acknowledged: the frames the service owes an answer."""
 
     def __init__(self, port: int, protocol: str = "5", client_id: str = "acked-camera"):
-        from musc_stream.replay import Camera
+        from musc_stream.devtools.replay import Camera
 
         self.camera = Camera("127.0.0.1", port, protocol, client_id=client_id)
         self._ids: dict[int, str] = {}

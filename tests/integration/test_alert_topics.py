@@ -17,12 +17,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from PIL import Image
 
-from musc_stream.config import MqttSettings
-from musc_stream.mqtt import Topics, connect_kwargs, create_client
-from musc_stream.records import Decision
-from musc_stream.regions import find_regions
-from musc_stream.sinks.alert_picture import natural_scale
-from musc_stream.sinks.mqtt import MqttPublisher
+from musc_stream.service.config import MqttSettings
+from musc_stream.service.mqtt_client import Topics, connect_kwargs, create_client
+from musc_stream.service.sinks.alert_picture import natural_scale
+from musc_stream.service.sinks.mqtt_publish import MqttPublisher
+from musc_stream.stream.records import Decision
+from musc_stream.stream.regions import find_regions
 
 pytestmark = pytest.mark.integration
 EVENT_TIMEOUT_S = 30.0  # bounds a wait for something that must happen; never a speed claim

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from musc_stream.service import Service
+from musc_stream.service.wiring import Service
 
 from .helpers import AckedCamera, Collector, audit_rows, brick_frames, sample_value, scrape, tiny_settings
 
@@ -111,7 +111,7 @@ def test_held_frames_survive_a_restart_and_ids_are_never_decided_twice(stock_bro
 
 
 def test_reset_answers_held_frames_and_never_overtakes_them(stock_broker, tmp_path, payloads, caplog):
-    caplog.set_level(logging.WARNING, logger="musc_stream.ingest")
+    caplog.set_level(logging.WARNING, logger="musc_stream.service.ingest")
     service = _start(tmp_path, stock_broker.port)
     collector = Collector(stock_broker.port)
     camera = AckedCamera(stock_broker.port)
@@ -175,7 +175,7 @@ class _FlakyBackbone:
 
 def test_a_failed_batch_answers_every_frame_and_a_broken_model_stops_with_a_reason(stock_broker, tmp_path,
                                                                                  payloads):
-    from musc_stream.service import backbone_from_settings
+    from musc_stream.service.wiring import backbone_from_settings
 
     settings = tiny_settings(tmp_path, stock_broker.port, engine={"max_scoring_failures": 3})
     flaky = _FlakyBackbone(backbone_from_settings(settings))
@@ -254,11 +254,11 @@ def test_housekeeping_errors_are_counted_and_survived(stock_broker, tmp_path, pa
 
 
 def test_unreachable_broker_is_reported_at_once_and_on_every_retry(tmp_path, caplog):
-    from musc_stream.broker import free_port
+    from musc_stream.devtools.broker import free_port
 
     port = free_port()  # nothing listens here
     service = Service(tiny_settings(tmp_path, port, mqtt={"reconnect_min_s": 0.5, "reconnect_max_s": 1.0}))
-    with caplog.at_level(logging.ERROR, logger="musc_stream.service"):
+    with caplog.at_level(logging.ERROR, logger="musc_stream.service.wiring"):
         with pytest.raises(TimeoutError) as excinfo:
             service.start(ready_timeout_s=4)
     message = str(excinfo.value)
@@ -273,7 +273,7 @@ def test_serve_ready_timeout_fails_with_one_line_saying_why(tmp_path):
     import subprocess
     import sys
 
-    from musc_stream.broker import free_port
+    from musc_stream.devtools.broker import free_port
 
     port = free_port()  # nothing listens here
     env = {"PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",

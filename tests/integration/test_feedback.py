@@ -12,9 +12,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from musc_stream.demo import magnetic_tile_frames
-from musc_stream.replay import Camera
-from musc_stream.service import Service
+from musc_stream.devtools.demo import magnetic_tile_frames
+from musc_stream.devtools.replay import Camera
+from musc_stream.service.wiring import Service
 
 from .helpers import Collector, sample_value, scrape, service_settings
 from .test_line_page import post

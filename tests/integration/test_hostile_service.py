@@ -10,9 +10,9 @@ import json
 import pyarrow.dataset as ds
 import pytest
 
-from musc_stream.frames import is_valid_id
-from musc_stream.replay import Camera
-from musc_stream.service import Service
+from musc_stream.devtools.replay import Camera
+from musc_stream.service.frames import is_valid_id
+from musc_stream.service.wiring import Service
 
 from .helpers import Collector, brick_frames, service_settings
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from musc_stream.broker import free_port
-from musc_stream.replay import Camera
+from musc_stream.devtools.broker import free_port
+from musc_stream.devtools.replay import Camera
 
 from .helpers import Collector, brick_frames, sample_value, scrape
 

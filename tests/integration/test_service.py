@@ -9,8 +9,8 @@ import pyarrow.dataset as ds
 import pytest
 from PIL import Image
 
-from musc_stream.replay import Camera
-from musc_stream.service import Service
+from musc_stream.devtools.replay import Camera
+from musc_stream.service.wiring import Service
 
 from .helpers import Collector, brick_frames, sample_value, scrape, service_settings
 

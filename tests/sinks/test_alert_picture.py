@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from musc_stream.records import Decision
-from musc_stream.regions import find_regions
-from musc_stream.sinks.alert_picture import (
+from musc_stream.service.sinks.alert_picture import (
     MAX_LONG_SIDE,
     MIN_SHORT_SIDE,
     SCALE_HIGH,
@@ -27,6 +25,8 @@ from musc_stream.sinks.alert_picture import (
     frame_png,
     natural_scale,
 )
+from musc_stream.stream.records import Decision
+from musc_stream.stream.regions import find_regions
 
 
 def _tile(magnetic_tile: Path, size=(494, 361)) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tests of musc_stream/sinks/audit.py: real Parquet files read back with pyarrow and DuckDB."""
+"""Tests of musc_stream/service/sinks/audit.py: real Parquet files read back with pyarrow and DuckDB."""
 
 import datetime as dt
 import logging
@@ -16,9 +16,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from musc_stream.records import Decision, FrameFailure, Region
-from musc_stream.sinks import audit
-from musc_stream.sinks.audit import AUDIT_SCHEMA, AuditLog
+from musc_stream.service.sinks import audit
+from musc_stream.service.sinks.audit import AUDIT_SCHEMA, AuditLog
+from musc_stream.stream.records import Decision, FrameFailure, Region
 
 DAY1 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 DAY2 = DAY1 + 86_400.0
@@ -291,7 +291,7 @@ def test_leftover_tmp_files_are_removed_on_start(tmp_path, clock, caplog):
     leftover.write_bytes(b"PAR1 half a file")
     kept = part / "part-20251231T235900Z-000001-cafecafe.parquet"
     pq.write_table(pa.table({"x": [1]}), kept)
-    with caplog.at_level(logging.WARNING, logger="musc_stream.sinks.audit"):
+    with caplog.at_level(logging.WARNING, logger="musc_stream.service.sinks.audit"):
         AuditLog(tmp_path, clock=clock).close()
     assert not leftover.exists() and kept.exists()
     assert any(str(leftover) in r.getMessage() and r.levelno == logging.WARNING
@@ -357,8 +357,8 @@ def test_duckdb_reads_consistent_files_while_the_log_writes(tmp_path, clock):
 _CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from musc_stream.records import Decision
-    from musc_stream.sinks.audit import AuditLog
+    from musc_stream.service.sinks.audit import AuditLog
+    from musc_stream.stream.records import Decision
 
     log = AuditLog(Path(sys.argv[1]))
     for i in range(100_000):

@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from musc_stream.dedupe import decided_in_audit, last_decisions
-from musc_stream.feedback import FeedbackCommand, FeedbackResult
-from musc_stream.records import Decision
-from musc_stream.sinks.audit import AUDIT_SCHEMA, AuditLog
+from musc_stream.service.dedupe import decided_in_audit, last_decisions
+from musc_stream.service.sinks.audit import AUDIT_SCHEMA, AuditLog
+from musc_stream.stream.feedback import FeedbackCommand, FeedbackResult
+from musc_stream.stream.records import Decision
 
 FEEDBACK_COLUMNS = [f.name for f in AUDIT_SCHEMA if f.name.startswith("feedback_")]
 

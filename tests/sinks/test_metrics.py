@@ -1,4 +1,4 @@
-"""Tests of musc_stream/sinks/metrics.py: a real /metrics scrape on port 0, parsed back."""
+"""Tests of musc_stream/service/sinks/prometheus.py: a real /metrics scrape on port 0, parsed back."""
 
 import urllib.error
 import urllib.request
@@ -9,9 +9,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from musc_stream import __version__
-from musc_stream.records import Decision, FrameFailure
-from musc_stream.sinks import audit
-from musc_stream.sinks.metrics import Metrics, exported_metric_names, start_http_server
+from musc_stream.service.sinks import audit
+from musc_stream.service.sinks.prometheus import Metrics, exported_metric_names, start_http_server
+from musc_stream.stream.records import Decision, FrameFailure
 
 ALLOWED_LABELS = {"line", "reason", "stage", "kind", "task", "le", "model", "weights", "version",
                   "verdict", "outcome"}  # verdict, outcome: musc_feedback_total, fixed sets
@@ -181,7 +181,7 @@ def test_metrics_never_touch_the_global_registry():
 
 
 def test_unknown_line_label_matches_the_audit_partition():
-    from musc_stream.sinks import metrics as metrics_module
+    from musc_stream.service.sinks import prometheus as metrics_module
 
     assert metrics_module.UNKNOWN_LINE == audit.UNKNOWN_LINE
 

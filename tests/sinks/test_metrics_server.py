@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 
-from musc_stream.config import Settings
-from musc_stream.sinks.metrics import (
+from musc_stream.service.config import Settings
+from musc_stream.service.sinks.prometheus import (
     HTTP_WORKERS,
     MAX_CONNECTIONS,
     Metrics,

@@ -22,12 +22,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from PIL import Image
 
-from musc_stream.broker import free_port, wait_for_port
-from musc_stream.config import MqttSettings
-from musc_stream.mqtt import Topics, connect_kwargs, create_client
-from musc_stream.records import Decision
-from musc_stream.sinks.metrics import Metrics
-from musc_stream.sinks.mqtt import MqttPublisher
+from musc_stream.devtools.broker import free_port, wait_for_port
+from musc_stream.service.config import MqttSettings
+from musc_stream.service.mqtt_client import Topics, connect_kwargs, create_client
+from musc_stream.service.sinks.mqtt_publish import MqttPublisher
+from musc_stream.service.sinks.prometheus import Metrics
+from musc_stream.stream.records import Decision
 
 PACKET_LIMIT = 131_072  # the broker's max_packet_size in these tests
 EVENT_TIMEOUT_S = 30.0  # bounds a wait for something that must happen; never a speed claim

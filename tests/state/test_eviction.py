@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from skimage import data
 
-from musc_stream.engine import Engine, EngineConfig
 from musc_stream.model.backbone import BackboneSpec, load_backbone
-from musc_stream.records import Frame
-from musc_stream.state_store import SnapshotStore
-from musc_stream.state_writer import SnapshotWriter
+from musc_stream.state.store import SnapshotStore
+from musc_stream.state.writer import SnapshotWriter
+from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.stream.records import Frame
 
 
 class Clock:

@@ -3,8 +3,8 @@ and rewritten as segments at the next snapshot (seeded random tiny ViT; weights 
 
 import json
 
-from musc_stream.engine import Engine, EngineConfig, state_dir_name
 from musc_stream.model.backbone import BackboneSpec, load_backbone
+from musc_stream.stream.engine import Engine, EngineConfig, state_dir_name
 
 from .test_eviction import _frames
 

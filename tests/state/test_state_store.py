@@ -1,5 +1,5 @@
-"""The incremental snapshot store (state_store.py), its planner and budget (state_plan.py) and the
-background writer (state_writer.py), on real files with random unit features (no backbone)."""
+"""The incremental snapshot store (state/store.py), its planner and budget (state/plan.py) and the
+background writer (state/writer.py), on real files with random unit features (no backbone)."""
 
 import threading
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from musc_stream.model.memory import PatchMemory
-from musc_stream.state_plan import LinePlan, SnapshotBudget, threshold_text
-from musc_stream.state_store import SnapshotDamagedError, SnapshotStore, row_bytes
-from musc_stream.state_writer import THREAD_NAME, SnapshotWriter
+from musc_stream.state.plan import LinePlan, SnapshotBudget, threshold_text
+from musc_stream.state.store import SnapshotDamagedError, SnapshotStore, row_bytes
+from musc_stream.state.writer import THREAD_NAME, SnapshotWriter
 
 DIMS = {"l0_r3": 16, "l1_r3": 8}
 META = {"backbone": "test", "image_size": 64}

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from musc_stream.records import Decision, Region
+from musc_stream.stream.records import Decision, Region
 
 SCALE_LOW = 0.5  # bottom of the colour bar, × threshold: lower scores leave the frame untinted
 SCALE_HIGH = 1.5  # top of the colour bar, × threshold: higher scores are all dark red

@@ -23,9 +23,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from PIL import Image
 
-from musc_stream.broker import LocalBroker, free_port
-from musc_stream.config import Settings, load_settings
-from musc_stream.replay import Camera
+from musc_stream.devtools.broker import LocalBroker, free_port
+from musc_stream.devtools.replay import Camera
+from musc_stream.service.config import Settings, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _print_progress(record: dict, done: int, expected: int) -> None:
 def run_demo(out_dir: Path, data_root: Path | None, n_frames: int = 120, defect_rate: float = 0.15,
              seed: int = 7, settings: Settings | None = None) -> dict:
     """Run the whole demo; returns the summary dict (also written to summary.md/json)."""
-    from musc_stream.service import Service
+    from musc_stream.service.wiring import Service
 
     out_dir.mkdir(parents=True, exist_ok=True)
     per_line = max(10, n_frames // 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from musc_stream.records import Region
+from musc_stream.stream.records import Region
 
 
 def find_regions(heatmap: np.ndarray, threshold: float | None, max_regions: int = 5) -> list[Region]:

@@ -17,11 +17,11 @@ from paho.mqtt.properties import Properties
 from PIL import Image
 
 from musc_stream import __version__
-from musc_stream.config import DEFAULT_MAX_PUBLISH_BYTES
-from musc_stream.frames import escape_text
-from musc_stream.mqtt import Topics
-from musc_stream.records import SCHEMA_VERSION, Decision, FrameFailure
-from musc_stream.sinks.alert_picture import ColourScale, alert_png, fit_png, frame_png, natural_scale
+from musc_stream.service.config import DEFAULT_MAX_PUBLISH_BYTES
+from musc_stream.service.frames import escape_text
+from musc_stream.service.mqtt_client import Topics
+from musc_stream.service.sinks.alert_picture import ColourScale, alert_png, fit_png, frame_png, natural_scale
+from musc_stream.stream.records import SCHEMA_VERSION, Decision, FrameFailure
 
 logger = logging.getLogger(__name__)
 

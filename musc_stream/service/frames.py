@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from musc_stream.config import FrameLimits
-from musc_stream.records import Frame, FrameFailure
+from musc_stream.service.config import FrameLimits
+from musc_stream.stream.records import Frame, FrameFailure
 
 logger = logging.getLogger(__name__)
 

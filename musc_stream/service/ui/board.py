@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from musc_stream.records import Decision
+from musc_stream.stream.records import Decision
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def frame_jpeg(image: np.ndarray, side: int) -> bytes:
 def _default_heatmap_picture(heatmap: np.ndarray, image: np.ndarray | None, threshold: float | None,
                              side: int) -> bytes:
     """The alert's heatmap PNG, made by the MQTT sink's own function (same colours as the alert)."""
-    from musc_stream.sinks.mqtt import heatmap_png
+    from musc_stream.service.sinks.mqtt_publish import heatmap_png
 
     vmax = max(float(heatmap.max()), threshold or 0.0)
     scale = min(1.0, side / max(heatmap.shape[:2]))

@@ -1,5 +1,5 @@
 """The background snapshot writer: one thread that writes snapshot jobs in order, so the scoring
-thread only plans and copies (state_plan.py) and never waits on disk or fsync.
+thread only plans and copies (state/plan.py) and never waits on disk or fsync.
 
 A failed job is reported through ``guard`` (the service's housekeeping guard: logged, counted in
 musc_housekeeping_errors_total{task="snapshot"}, survived) and tells its line's plan to rewrite the
@@ -13,7 +13,7 @@ import threading
 from collections import Counter, deque
 from typing import Callable
 
-from musc_stream.state_store import SnapshotJob, SnapshotStore
+from musc_stream.state.store import SnapshotJob, SnapshotStore
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from musc_stream.sinks.alert_picture import BAND, TEXT, ColourScale, fit_text, colour_bar, font, overlay
+from musc_stream.service.sinks.alert_picture import BAND, TEXT, ColourScale, fit_text, colour_bar, font, overlay
 
 logger = logging.getLogger(__name__)
 

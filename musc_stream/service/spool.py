@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from musc_stream.records import Frame
-from musc_stream.sinks.audit import _fsync_dir  # one directory-fsync helper for both writers
+from musc_stream.service.sinks.audit import _fsync_dir  # one directory-fsync helper for both writers
+from musc_stream.stream.records import Frame
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
-from musc_stream.records import Decision, Region
+from musc_stream.stream.records import Decision, Region
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from musc_stream.datasets import MASK_RULES, RSCIN_WINDOWS, Sample, discover, load_image, load_mask, seeded_subset
-from musc_stream.metrics import image_metrics, pixel_metrics
+from musc_stream.evaluation.datasets import MASK_RULES, RSCIN_WINDOWS, Sample, discover, load_image, load_mask, seeded_subset
+from musc_stream.evaluation.quality_metrics import image_metrics, pixel_metrics
 from musc_stream.model.backbone import Backbone
 from musc_stream.model.batch import score_batch
 from musc_stream.model.musc import MuscSettings
-from musc_stream.threshold import AdaptiveThreshold, estimate
+from musc_stream.stream.threshold import AdaptiveThreshold, estimate
 
 logger = logging.getLogger(__name__)
 

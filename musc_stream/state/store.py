@@ -16,7 +16,7 @@ checksum mismatch, garbage manifest, a row in no segment) is detected at load an
 is used; with none intact, load raises SnapshotDamagedError and the engine sets the folder aside.
 Segments no manifest needs any more (all their rows dead) are deleted after the rename.
 
-This module only reads and writes; what to write (new rows, compaction, budget) is state_plan.py.
+This module only reads and writes; what to write (new rows, compaction, budget) is state/plan.py.
 """
 
 from __future__ import annotations

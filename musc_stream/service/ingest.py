@@ -29,13 +29,13 @@ import paho.mqtt.client as mqtt
 import re
 import threading
 
-from musc_stream.budget import ByteBudget, Ticket
-from musc_stream.config import FrameLimits
-from musc_stream.feedback import REJECTED, FeedbackCommand, FeedbackError, parse_payload
-from musc_stream.frames import FrameError, Refused, decode_frame, derive_frame_id, is_valid_id, parse_line_id
-from musc_stream.mqtt import Topics
-from musc_stream.records import Frame, FrameFailure
-from musc_stream.sinks.metrics import Metrics
+from musc_stream.service.budget import ByteBudget, Ticket
+from musc_stream.service.config import FrameLimits
+from musc_stream.service.frames import FrameError, Refused, decode_frame, derive_frame_id, is_valid_id, parse_line_id
+from musc_stream.service.mqtt_client import Topics
+from musc_stream.service.sinks.prometheus import Metrics
+from musc_stream.stream.feedback import REJECTED, FeedbackCommand, FeedbackError, parse_payload
+from musc_stream.stream.records import Frame, FrameFailure
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """What each line's snapshot writes, and when: only what changed, within a daily byte budget.
 
 Runs on the scoring thread (it reads the line's memory, which that thread owns) and only decides
-and copies; state_store.py does the I/O. Per line:
+and copies; state/store.py does the I/O. Per line:
 
 - Nothing changed since the last snapshot: nothing is written (0 bytes).
 - The threshold history changed: threshold.json (about 20 KB) is written at every snapshot tick.
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from musc_stream.model.memory import PatchMemory
-from musc_stream.state_store import LoadedMemory, MemoryPart, Segment, SnapshotJob, row_bytes
+from musc_stream.state.store import LoadedMemory, MemoryPart, Segment, SnapshotJob, row_bytes
 
 DAY_S = 86_400.0
 _MANIFEST_BYTES = 4096  # estimate of a manifest's size (RNG state, settings, a few segments)

@@ -25,12 +25,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from musc_stream.datasets import Sample, camera_setup, discover, load_image, load_mask
-from musc_stream.engine import Engine, EngineConfig
-from musc_stream.metrics import image_metrics, pixel_metrics
+from musc_stream.evaluation.datasets import Sample, camera_setup, discover, load_image, load_mask
+from musc_stream.evaluation.quality_metrics import image_metrics, pixel_metrics
 from musc_stream.model.backbone import Backbone, Features
 from musc_stream.model.musc import MuscSettings, musc_from_tokens
-from musc_stream.records import Frame
+from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.stream.records import Frame
 
 logger = logging.getLogger(__name__)
 

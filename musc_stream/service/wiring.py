@@ -30,25 +30,25 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import torch
 
-from musc_stream import systemd
-from musc_stream.budget import ByteBudget
-from musc_stream.config import Settings
-from musc_stream.dedupe import RecentIds, decided_in_audit, last_decisions
-from musc_stream.engine import Engine, EngineConfig
-from musc_stream.heartbeat import Heartbeat
-from musc_stream.feedback import (DEFECT, ERROR, RECORDED, APPLIED, ALREADY_NORMAL, UNKNOWN_FRAME, FeedbackCommand,
-                                  FeedbackError, FeedbackResult, feedback_filter, normalise_verdict)
-from musc_stream.frames import is_valid_id
-from musc_stream.ingest import COMMANDS, Ack, Ingest, LineShares, ResetCommand, WorkItem
 from musc_stream.model.backbone import Backbone, BackboneSpec, load_backbone
-from musc_stream.mqtt import Topics, connect_kwargs, create_client, offline_payload
-from musc_stream.records import Decision, Frame, FrameFailure
-from musc_stream.sinks.audit import AuditLog
-from musc_stream.sinks.metrics import Metrics, start_http_server
-from musc_stream.sinks.mqtt import MqttPublisher
-from musc_stream.spool import FrameSpool
-from musc_stream.state_writer import SnapshotWriter
-from musc_stream.ui import Board, LinePage, LinePageBindError
+from musc_stream.service import systemd
+from musc_stream.service.budget import ByteBudget
+from musc_stream.service.config import Settings
+from musc_stream.service.dedupe import RecentIds, decided_in_audit, last_decisions
+from musc_stream.service.frames import is_valid_id
+from musc_stream.service.heartbeat import Heartbeat
+from musc_stream.service.ingest import COMMANDS, Ack, Ingest, LineShares, ResetCommand, WorkItem
+from musc_stream.service.mqtt_client import Topics, connect_kwargs, create_client, offline_payload
+from musc_stream.service.sinks.audit import AuditLog
+from musc_stream.service.sinks.mqtt_publish import MqttPublisher
+from musc_stream.service.sinks.prometheus import Metrics, start_http_server
+from musc_stream.service.spool import FrameSpool
+from musc_stream.service.ui import Board, LinePage, LinePageBindError
+from musc_stream.state.writer import SnapshotWriter
+from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.stream.feedback import (DEFECT, ERROR, RECORDED, APPLIED, ALREADY_NORMAL, UNKNOWN_FRAME, FeedbackCommand,
+                                         FeedbackError, FeedbackResult, feedback_filter, normalise_verdict)
+from musc_stream.stream.records import Decision, Frame, FrameFailure
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class Service:
         for line in self.engine.load_state(Path(s.state.dir)):
             state = self.engine.lines[line]
             self.metrics.set_memory_patches(line, state.memory_size)
-        # Snapshots are written off the scoring stage (state_writer.py); errors count as housekeeping.
+        # Snapshots are written off the scoring stage (state/writer.py); errors count as housekeeping.
         self._snapshot_writer = SnapshotWriter(self.engine.store, guard=lambda fn: self._guard("snapshot", fn),
                                                on_written=lambda job, n: self.metrics.observe_snapshot_bytes(n))
         self.engine.writer = self._snapshot_writer.start()

@@ -13,7 +13,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from musc_stream.frames import encode_envelope, frame_user_properties
+from musc_stream.service.frames import encode_envelope, frame_user_properties
 
 logger = logging.getLogger(__name__)
 

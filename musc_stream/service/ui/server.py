@@ -22,8 +22,8 @@ from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from musc_stream.sinks.metrics import bind_advice
-from musc_stream.ui.board import VERDICTS, Board
+from musc_stream.service.sinks.prometheus import bind_advice
+from musc_stream.service.ui.board import VERDICTS, Board
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class LinePage:
 
     def static(self, name: str) -> bytes:
         if name not in self._static:
-            self._static[name] = resources.files("musc_stream.ui").joinpath("static", name).read_bytes()
+            self._static[name] = resources.files("musc_stream.service.ui").joinpath("static", name).read_bytes()
         return self._static[name]
 
     def state(self) -> dict[str, Any]:

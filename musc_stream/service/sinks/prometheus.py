@@ -38,8 +38,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from musc_stream import __version__
-from musc_stream.feedback import OUTCOMES as FEEDBACK_OUTCOMES, VERDICTS as FEEDBACK_VERDICTS
-from musc_stream.records import Decision, FrameFailure
+from musc_stream.stream.feedback import OUTCOMES as FEEDBACK_OUTCOMES, VERDICTS as FEEDBACK_VERDICTS
+from musc_stream.stream.records import Decision, FrameFailure
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from musc_stream.config import MqttSettings
-from musc_stream.records import SCHEMA_VERSION
+from musc_stream.service.config import MqttSettings
+from musc_stream.stream.records import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 

@@ -53,11 +53,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from musc_stream.feedback import DEFECT, ALREADY_NORMAL, APPLIED, RECORDED, UNKNOWN_FRAME, FeedbackResult, RecentFrames
 from musc_stream.model.backbone import Backbone
 from musc_stream.model.memory import MemoryMismatchError, PatchMemory
-from musc_stream.state_plan import LinePlan, SnapshotBudget, threshold_text
-from musc_stream.state_store import LEGACY_MEMORY_DIR, SnapshotJob, SnapshotStore
 from musc_stream.model.musc import (
     aligned_nearest_distances,
     interval_average,
@@ -66,9 +63,12 @@ from musc_stream.model.musc import (
     nearest_distances,
     upsample_maps,
 )
-from musc_stream.records import Decision, Frame
-from musc_stream.regions import find_regions
-from musc_stream.threshold import AdaptiveThreshold
+from musc_stream.state.plan import LinePlan, SnapshotBudget, threshold_text
+from musc_stream.state.store import LEGACY_MEMORY_DIR, SnapshotJob, SnapshotStore
+from musc_stream.stream.feedback import DEFECT, ALREADY_NORMAL, APPLIED, RECORDED, UNKNOWN_FRAME, FeedbackResult, RecentFrames
+from musc_stream.stream.records import Decision, Frame
+from musc_stream.stream.regions import find_regions
+from musc_stream.stream.threshold import AdaptiveThreshold
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class EngineConfig:
     threshold_overrides: dict[str, float] = field(default_factory=dict)
     distance_dtype: torch.dtype | None = None
     keep_maps: bool = False  # put every frame's patch map on its decision (evaluation)
-    snapshot_bytes_per_day: int = 1024 ** 3  # per line (state_plan.py); the memory part waits for it
+    snapshot_bytes_per_day: int = 1024 ** 3  # per line (state/plan.py); the memory part waits for it
     idle_evict_s: float = 0.0  # a line without frames this long is snapshotted and dropped from RAM; 0: never
 
     def __post_init__(self) -> None:
@@ -275,8 +275,8 @@ class Engine:
         self.clock = clock
         self.lines: dict[str, LineState] = {}
         self.state_dir: Path | None = None  # where load_state read from; reset deletes a line there
-        self.store = SnapshotStore()  # persistence: state_store.py (I/O), state_plan.py (what to write)
-        self.writer = None  # a state_writer.SnapshotWriter when the service runs one; None: write inline
+        self.store = SnapshotStore()  # persistence: state/store.py (I/O), state/plan.py (what to write)
+        self.writer = None  # a state.writer.SnapshotWriter when the service runs one; None: write inline
         self._plans: dict[str, LinePlan] = {}
         self._evicted: set[str] = set()  # lines snapshotted and dropped from RAM while idle
         self._last_seen: dict[str, float] = {}  # engine clock of each line's last frame or load
@@ -578,7 +578,7 @@ class Engine:
         return {f"l{li}_r{r}": int(t.shape[-1]) for r in self.config.memory_r_list for li, t in enumerate(tokens)}
 
     # -- persistence -----------------------------------------------------------------------
-    # What is written and when: state_plan.py; the files: state_store.py; the thread: state_writer.py.
+    # What is written and when: state/plan.py; the files: state/store.py; the thread: state/writer.py.
     def save_state(self, directory: Path, *, due_only: bool = False) -> int:
         """Snapshot what changed in each line since its last snapshot (nothing changed: 0 bytes).
 

@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from musc_stream import __version__
-from musc_stream.records import Decision, FrameFailure, Region
+from musc_stream.stream.records import Decision, FrameFailure, Region
 
 logger = logging.getLogger(__name__)
 

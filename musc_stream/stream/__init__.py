@@ -1,0 +1,1 @@
+"""A line's decisions: the streaming engine (window, memory, scoring order), threshold, changeover, regions."""
