@@ -23,7 +23,8 @@ class IvfIndex:
         if nlist < 1 or nprobe < 1:
             raise ValueError(f"ivf nlist and nprobe must be >= 1, got {nlist}, {nprobe}")
         self.nlist, self.nprobe = int(nlist), int(nprobe)
-        self._indexes = {key: faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), self.nlist, dim)
+        self._quantizers = {key: faiss.IndexFlatL2(dim) for key, dim in dims.items()}  # kept alive here
+        self._indexes = {key: faiss.IndexIVFFlat(self._quantizers[key], dim, self.nlist)
                          for key, dim in dims.items()}
 
     @property
