@@ -150,9 +150,9 @@ def backends(reps: int, device: torch.device) -> list[dict]:
 
 def real_stream(n_frames: int):
     """Real magnetic-tile frames (exp1: normals, then its Break defects) and their backbone features."""
-    from musc_stream.datasets import camera_setup, discover, load_image
+    from musc_stream.evaluation.datasets import camera_setup, discover, load_image
     from musc_stream.model.backbone import BackboneSpec, load_backbone
-    from musc_stream.stream_eval import PrecomputedBackbone
+    from musc_stream.evaluation.stream_eval import PrecomputedBackbone
 
     samples = discover(DATA)["magnetic_tile"]
     pick = lambda label: sorted((s for s in samples if camera_setup(s) == "exp1" and s.label == label),  # noqa: E731
@@ -167,8 +167,8 @@ def real_stream(n_frames: int):
 
 def dtype_scores(backbone, images, labels) -> list[dict]:
     """Image scores of one real stream through engines that differ only in the memory's dtype."""
-    from musc_stream.engine import Engine, EngineConfig
-    from musc_stream.records import Frame
+    from musc_stream.stream.engine import Engine, EngineConfig
+    from musc_stream.stream.records import Frame
 
     scores = {}
     for dtype in ("float32", "float16", "bfloat16"):
