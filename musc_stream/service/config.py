@@ -292,13 +292,28 @@ class MemorySettings(_Section):
     max_age_s: float | None = Field(3600.0, gt=0, description="Patches older than this are dropped, seconds. "
                                     "null: never.")
     k: int = Field(1, ge=1, description="Nearest neighbours averaged for the memory score.")
-    use_gpu: bool | Literal["auto"] = Field("auto", description="FAISS index on the GPU: auto, true, false.")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="Where the memory's ring buffer lives: auto "
+                                            "(the model's device), true (CUDA), false (CPU).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Storage of the memory's features: auto is float32 on the CPU, float16 on a GPU.")
+    search: Literal["auto", "torch", "faiss"] = Field(
+        "auto", description="Exact kNN backend: auto (torch, measured faster), torch (fused matmul), "
+        "faiss (faiss.knn / faiss.knn_gpu).")
+    index: Literal["exact", "ivf"] = Field("exact", description="ivf: approximate FAISS IndexIVFFlat for "
+                                           "memories too large for exact search (recall < 1).")
+    ivf_nlist: int = Field(256, ge=1, description="ivf: coarse lists; trains once 40 × nlist patches are in.")
+    ivf_nprobe: int = Field(16, ge=1, description="ivf: lists searched per query (recall vs speed).")
 
     @model_validator(mode="after")
     def _check_rules(self) -> MemorySettings:
         if self.patches_per_frame > self.max_patches_per_line:
             raise ValueError("memory.patches_per_frame must not exceed memory.max_patches_per_line")
         return self
+
+    def memory_options(self) -> dict[str, object]:
+        """PatchMemory's keyword options from these settings."""
+        return {"dtype": self.dtype, "backend": self.search, "index": self.index,
+                "ivf_nlist": self.ivf_nlist, "ivf_nprobe": self.ivf_nprobe}
 
 
 # ---------------------------------------------------------------------------------- threshold

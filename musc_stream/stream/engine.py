@@ -105,6 +105,7 @@ class EngineConfig:
     memory_max_age_s: float | None = 3600.0
     memory_k: int = 1
     memory_use_gpu: bool | None = None
+    memory_options: dict = field(default_factory=dict)  # PatchMemory's dtype, backend, index, ivf_* (config.py)
     feedback_frames: int = 64  # unlearnt recent frames per line an operator's verdict can still reach
     feedback_max_bytes: int = 48 * 2**20  # bytes of their feature sets per line (float16)
     target_false_alarms_per_1000: float = 5.0
@@ -141,7 +142,7 @@ class EngineConfig:
             drift_patience=getattr(e, "drift_patience", 3), drift_ratio=getattr(e, "drift_ratio", 1.5),
             memory_enabled=m.enabled, memory_r_list=tuple(m.r_list), memory_max_patches=m.max_patches_per_line,
             memory_patches_per_frame=m.patches_per_frame, memory_max_age_s=m.max_age_s,
-            memory_k=m.k, memory_use_gpu=use_gpu,
+            memory_k=m.k, memory_use_gpu=use_gpu, memory_options=m.memory_options(),
             target_false_alarms_per_1000=getattr(t, "target_false_alarms_per_1000", 5.0),
             threshold_method=getattr(t, "method", "gumbel"),
             threshold_min_history=getattr(t, "min_history", getattr(t, "warmup_frames", 10)),
@@ -239,7 +240,7 @@ class LineState:
                 dims, max_patches=self.config.memory_max_patches,
                 patches_per_frame=self.config.memory_patches_per_frame,
                 max_age_s=self.config.memory_max_age_s, use_gpu=self.config.memory_use_gpu,
-                metadata=self._memory_metadata,
+                metadata=self._memory_metadata, **self.config.memory_options,
             )
         return self.memory
 
@@ -414,10 +415,10 @@ class Engine:
             per_set.append(interval_average(dist[0], self.config.topmin_max))  # (L,)
         return torch.stack(per_set).mean(0)
 
-    def _memory_sets(self, sets: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """The feature sets the memory keeps, as CPU arrays for FAISS."""
+    def _memory_sets(self, sets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The feature sets the memory keeps, on the model's device (the memory lives there too)."""
         keep = tuple(f"_r{r}" for r in self.config.memory_r_list)
-        return {k: v.detach().float().cpu().numpy() for k, v in sets.items() if k.endswith(keep)}
+        return {k: v.detach().float() for k, v in sets.items() if k.endswith(keep)}
 
     def _memory_map(self, state: LineState, sets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Nearest-patch distance to the line's memory once it holds min_references frames."""
@@ -425,8 +426,8 @@ class Engine:
             return None
         state.memory.expire(self.clock(), keep_newest=self._memory_floor())
         radius = self.config.aligned_radius if self.config.aligned else None  # aligned applies here too
-        score = state.memory.score(self._memory_sets(sets), k=self.config.memory_k, aligned_radius=radius)
-        return torch.as_tensor(score, dtype=torch.float32, device=next(iter(sets.values())).device)
+        score = state.memory.score_map(self._memory_sets(sets), k=self.config.memory_k, aligned_radius=radius)
+        return score.to(next(iter(sets.values())).device)
 
     def _memory_floor(self) -> int:
         """Patches age-out never removes: a window's worth, so the memory never leaves the score."""
@@ -537,7 +538,7 @@ class Engine:
         if not (needs_memory or needs_history):
             state.recent.learnt(decision.frame_id)
             return
-        sets = self._memory_sets(item.sets) if needs_memory else None
+        sets = {k: v.cpu().numpy() for k, v in self._memory_sets(item.sets).items()} if needs_memory else None
         state.recent.keep(decision.frame_id, decision.score, sets, to_threshold=needs_history)
 
     def apply_feedback(self, line: str, frame_id: str, verdict: str) -> FeedbackResult:
@@ -730,7 +731,8 @@ class Engine:
         if self.config.memory_enabled:
             settings = dict(max_patches=self.config.memory_max_patches,
                             patches_per_frame=self.config.memory_patches_per_frame,
-                            max_age_s=self.config.memory_max_age_s, use_gpu=self.config.memory_use_gpu)
+                            max_age_s=self.config.memory_max_age_s, use_gpu=self.config.memory_use_gpu,
+                            **self.config.memory_options)
             try:
                 dims = self._feature_dims_cached()
                 loaded = self.store.load(line_dir, dims, self._memory_metadata)
