@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 
-from musc_stream.datasets import camera_setup, discover, load_image  # noqa: E402
-from musc_stream.engine import Engine, EngineConfig  # noqa: E402
+from musc_stream.evaluation.datasets import camera_setup, discover, load_image  # noqa: E402
+from musc_stream.stream.engine import Engine, EngineConfig  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
-from musc_stream.records import Frame  # noqa: E402
-from musc_stream.stream_eval import PrecomputedBackbone  # noqa: E402
+from musc_stream.stream.records import Frame  # noqa: E402
+from musc_stream.evaluation.stream_eval import PrecomputedBackbone  # noqa: E402
 
 
 class Clock:

@@ -7,11 +7,11 @@ import pytest
 import torch
 from skimage import data
 
-from musc_stream.engine import Engine, EngineConfig
+from musc_stream.stream.engine import Engine, EngineConfig
 from musc_stream.model import stream_scorer
 from musc_stream.model.backbone import BackboneSpec, load_backbone
 from musc_stream.model.musc import interval_average, nearest_distances
-from musc_stream.records import Frame
+from musc_stream.stream.records import Frame
 
 
 class Clock:

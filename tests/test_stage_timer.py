@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from musc_stream.engine import Engine, EngineConfig
+from musc_stream.stream.engine import Engine, EngineConfig
 from musc_stream.model.backbone import BackboneSpec, load_backbone
-from musc_stream.records import Frame
-from musc_stream.sinks.metrics import Metrics
-from musc_stream.stage_timer import StageTimer
+from musc_stream.stream.records import Frame
+from musc_stream.service.sinks.prometheus import Metrics
+from musc_stream.stream.stage_timer import StageTimer
 
 
 def test_cpu_timer_measures_the_stage_between_start_and_stop():
