@@ -136,3 +136,21 @@ def test_float16_window_scores_close_and_halves_the_bytes(backbone):
     assert half.lines["a"].window.nbytes * 2 == full.lines["a"].window.nbytes
     diff = max(abs(a.score - b.score) for a, b in zip(full_decisions, half_decisions))
     assert 0 < diff < 1e-2  # rounded, not equal; real-weight numbers in benchmarks/results/batched.md
+
+
+def test_window_dtype_comes_from_the_settings_and_is_checked():
+    from musc_stream.service.config import load_settings
+    settings = load_settings(None, env={"MUSC_ENGINE__WINDOW_DTYPE": "bfloat16"}, overrides={})
+    assert EngineConfig.from_settings(settings).window_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="window_dtype"):
+        EngineConfig(window_dtype="int8")
+
+
+def test_causal_distances_equal_the_full_ones_where_a_frame_may_look():
+    torch.manual_seed(2)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s), dim=-1)  # noqa: E731
+    frames = [unit(5, 9, 4), unit(3, 9, 4)]
+    full = stream_scorer.pool_distances(frames, frames)
+    causal = stream_scorer.pool_distances(frames, frames, causal=True)
+    for b in range(5):
+        assert torch.allclose(causal[:, b, :, :b], full[:, b, :, :b], atol=1e-6)  # every earlier frame, both lines

@@ -35,6 +35,7 @@ def pool_distances(
     distance_dtype: torch.dtype | None = None,
     aligned_radius: int | None = None,
     block_bytes: int = _BLOCK_BYTES,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Nearest-patch distances of each line's frames to each entry of that line's pool, one set.
 
@@ -42,6 +43,8 @@ def pool_distances(
     dtype: a reduced-precision window is upcast here, block by block). Returns (G, B, L, P) fp32
     with B = max B_g, P = max P_g; padded rows/columns hold garbage and must not be referenced.
     ``aligned_radius`` restricts each patch to its neighbourhood (``aligned_nearest_distances``).
+    ``causal``: the pools are the queries themselves (a batch's own frames) and frame b may only
+    see frames before it, so entries ≥ b of row b are left uncomputed (about half the work).
     """
     g_count = len(queries)
     b_max = max(q.shape[0] for q in queries)
@@ -61,19 +64,25 @@ def pool_distances(
     a_sq = a.float().pow(2).sum(-1, keepdim=True)  # (G, B·L, 1)
     a_mm = a.to(mm_dtype)
     per_block = max(1, block_bytes // max(1, 4 * g_count * b_max * num_patches * num_patches))
+    if causal:  # two or more blocks, so later blocks skip the early rows that never see them
+        per_block = min(per_block, max(1, (p_max + 1) // 2))
     for start in range(0, p_max, per_block):
         stop = min(p_max, start + per_block)
+        first = start + 1 if causal else 0  # the first query row that sees this block
+        if first >= b_max:
+            break
+        rows = slice(first * num_patches, None)
         b = _pad_stack([p[start:stop] for p in pools], stop - start).reshape(g_count, -1, channels)
         b32 = b.float()
         b_sq = b32.pow(2).sum(-1)  # (G, n·L)
         # min_b ‖a−b‖² = ‖a‖² + min_b (‖b‖² − 2ab), as musc.nearest_distances
         if mm_dtype == torch.float32:
-            partial = torch.baddbmm(b_sq[:, None, :], a_mm, b32.transpose(1, 2), alpha=-2.0)
+            partial = torch.baddbmm(b_sq[:, None, :], a_mm[:, rows], b32.transpose(1, 2), alpha=-2.0)
         else:
-            partial = torch.bmm(a_mm, b.to(mm_dtype).transpose(1, 2)).float().mul_(-2.0).add_(b_sq[:, None, :])
-        nearest = partial.reshape(g_count, b_max * num_patches, stop - start, num_patches).amin(dim=-1)
-        dist = (nearest + a_sq).clamp_min_(0.0).sqrt_()
-        out[:, :, :, start:stop] = dist.reshape(g_count, b_max, num_patches, stop - start)
+            partial = torch.bmm(a_mm[:, rows], b.to(mm_dtype).transpose(1, 2)).float().mul_(-2.0).add_(b_sq[:, None, :])
+        nearest = partial.reshape(g_count, (b_max - first) * num_patches, stop - start, num_patches).amin(dim=-1)
+        dist = (nearest + a_sq[:, rows]).clamp_min_(0.0).sqrt_()
+        out[:, first:, :, start:stop] = dist.reshape(g_count, b_max - first, num_patches, stop - start)
     return out
 
 

@@ -902,7 +902,7 @@ class _WindowPlan:
             kwargs = dict(distance_dtype=config.distance_dtype,
                           aligned_radius=config.aligned_radius if config.aligned else None)
             d_window = stream_scorer.pool_distances(q, win, **kwargs)  # (G, B, L, W)
-            d_batch = stream_scorer.pool_distances(q, q, **kwargs) if len(items) > 1 else d_window[..., :0]
+            d_batch = stream_scorer.pool_distances(q, q, causal=True, **kwargs) if len(items) > 1 else d_window[..., :0]
             per_set.append(self._join(d_window, d_batch, [len(x) for x in win], [len(x) for x in q]))
         self.distances = torch.stack(per_set)  # (S, G, B, L, P)
         if speculated:
