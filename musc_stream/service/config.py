@@ -259,6 +259,9 @@ class EngineSettings(_Section):
     image_score: Literal["max", "topk", "smooth"] = Field("max", description="Image score from the patch map: "
                                                           "max (batch MuSc's), mean of the top 1 % pixels, or max "
                                                           "after a 3x3 patch smoothing.")
+    window_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="How a line's rolling window stores its feature sets: float16/bfloat16 halve its "
+        "bytes (1.0 GiB -> 0.5 GiB per line at ViT-L@518); score change in benchmarks/results/batched.md.")
     heatmap_sigma: float = Field(0.0, ge=0, description="Gaussian smoothing of heatmaps, pixels (0: none).")
     max_age_s: float = Field(30.0, ge=0, description="A frame that waited longer than this in the service "
                              "before scoring is dropped and audited as stale, seconds (0: never).")

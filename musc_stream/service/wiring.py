@@ -903,7 +903,8 @@ class Service:
         if failing_since is not None:
             logger.warning("audit writes work again after %.0f s", time.monotonic() - failing_since)
             self._problem = None
-        self.metrics.observe_stage("audit", time.perf_counter() - started)
+        rows = len(out.decisions) + len(out.failures) + len(out.feedback)  # seconds per audit row
+        self.metrics.observe_stage("audit", time.perf_counter() - started, frames=rows)
         return True
 
     def _write_row(self, write, record) -> None:

@@ -45,6 +45,7 @@ import re
 import shutil
 import time
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -54,7 +55,9 @@ import torch
 import torch.nn.functional as F
 
 from musc_stream.model.backbone import Backbone
+from musc_stream.model import stream_scorer
 from musc_stream.model.memory import MemoryMismatchError, PatchMemory
+from musc_stream.stream.stage_timer import StageTimer
 from musc_stream.model.musc import (
     aligned_nearest_distances,
     interval_average,
@@ -76,8 +79,8 @@ ScoreMode = Literal["window", "memory", "combined"]
 Fusion = Literal["mean", "max"]
 ImageScore = Literal["max", "topk", "smooth"]
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
-_TOPK_FRACTION = 0.01  # "topk" image score: mean of the top 1 % of pixels of the upsampled map
 _WARMUP_OUTLIER_K = 3.0
+_WINDOW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _LEVEL_HISTORY = 32  # frames whose median patch score set a line's usual level (drift detection)  # warm-up frames above median + 3 robust σ of the warm-up stay out of memory
 
 
@@ -119,12 +122,15 @@ class EngineConfig:
     keep_maps: bool = False  # put every frame's patch map on its decision (evaluation)
     snapshot_bytes_per_day: int = 1024 ** 3  # per line (state/plan.py); the memory part waits for it
     idle_evict_s: float = 0.0  # a line without frames this long is snapshotted and dropped from RAM; 0: never
+    window_dtype: str = "float32"  # "float16"/"bfloat16": the window at half the bytes (README, batched.md)
 
     def __post_init__(self) -> None:
         if not set(self.memory_r_list) <= set(self.r_list):
             raise ValueError(f"memory r_list {self.memory_r_list} must be a subset of r_list {self.r_list}")
         if self.min_references > self.window_size:
             raise ValueError("min_references must not exceed window_size")
+        if self.window_dtype not in _WINDOW_DTYPES:
+            raise ValueError(f"window_dtype must be one of {sorted(_WINDOW_DTYPES)}, got {self.window_dtype!r}")
         if self.drift_patience < 1:
             raise ValueError(f"drift_patience must be >= 1, got {self.drift_patience}")
 
@@ -151,7 +157,17 @@ class EngineConfig:
             distance_dtype=dtypes[str(mo.distance_dtype)],
             snapshot_bytes_per_day=getattr(settings.state, "max_snapshot_bytes_per_day", 1024 ** 3),
             idle_evict_s=getattr(e, "idle_evict_s", 0.0),
+            window_dtype=str(getattr(e, "window_dtype", "float32")),
         )
+
+
+class _Sets(dict):
+    """A frame's feature sets (key → (L, C)) with the frame's tag, so the window knows which
+    frame fills each of its slots (the batched plan looks its distances up by tag)."""
+
+    def __init__(self, sets: dict[str, torch.Tensor], tag: int):
+        super().__init__(sets)
+        self.tag = tag
 
 
 @dataclass
@@ -159,19 +175,24 @@ class _Embedded:
     """One frame after the backbone and LNAMD."""
 
     frame: Frame
-    sets: dict[str, torch.Tensor]  # set key → (L, C) unit-norm features
-    image_feature: torch.Tensor  # (D,) unit-norm, for drift detection
+    sets: dict[str, torch.Tensor]  # set key → (L, C) unit-norm features (a _Sets)
+    image_feature: torch.Tensor  # (D,) unit-norm, on the host, for drift detection
     backbone_s: float
     queued_s: float
+    memory_arrays: dict[str, np.ndarray] | None = None  # the memory's sets on the host, copied per batch
 
 
 class _Window:
-    """Ring buffer of the last ``capacity`` frames' feature sets: key → (capacity, L, C)."""
+    """Ring buffer of the last ``capacity`` frames' feature sets: key → (capacity, L, C), stored in
+    ``dtype`` (float16 halves a line's bytes; benchmarks/results/batched.md measures the score
+    change), and which frame (tag) fills each slot."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, dtype: torch.dtype = torch.float32):
         self.capacity = capacity
+        self.dtype = dtype
         self.buffers: dict[str, torch.Tensor] = {}
         self.image_features: torch.Tensor | None = None  # (capacity, D)
+        self.tags: list[int | None] = [None] * capacity
         self.count = 0
         self._next = 0
 
@@ -182,13 +203,18 @@ class _Window:
     def full(self) -> bool:
         return self.count == self.capacity
 
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
     def add(self, sets: dict[str, torch.Tensor], image_feature: torch.Tensor) -> None:
         if not self.buffers:
-            self.buffers = {k: v.new_zeros((self.capacity, *v.shape)) for k, v in sets.items()}
+            self.buffers = {k: v.new_zeros((self.capacity, *v.shape), dtype=self.dtype) for k, v in sets.items()}
             self.image_features = image_feature.new_zeros((self.capacity, *image_feature.shape))
         for key, value in sets.items():
             self.buffers[key][self._next] = value
         self.image_features[self._next] = image_feature
+        self.tags[self._next] = getattr(sets, "tag", None)
         self._next = (self._next + 1) % self.capacity
         self.count = min(self.capacity, self.count + 1)
 
@@ -207,7 +233,7 @@ class LineState:
     def __init__(self, line: str, config: EngineConfig, memory_metadata: dict[str, str | int]):
         self.line = line
         self.config = config
-        self.window = _Window(config.window_size)
+        self.window = _Window(config.window_size, _WINDOW_DTYPES[config.window_dtype])
         self.pending: list[_Embedded] = []  # held until min_references frames exist
         self.memory: PatchMemory | None = None
         self._memory_metadata = memory_metadata
@@ -253,7 +279,7 @@ class LineState:
         return self.memory_size / max(1, self.config.memory_patches_per_frame)
 
     def reset(self) -> None:
-        self.window = _Window(self.config.window_size)
+        self.window = _Window(self.config.window_size, _WINDOW_DTYPES[self.config.window_dtype])
         self.pending.clear()
         self.suspects.clear()
         self.levels.clear()
@@ -282,6 +308,10 @@ class Engine:
         self._evicted: set[str] = set()  # lines snapshotted and dropped from RAM while idle
         self._last_seen: dict[str, float] = {}  # engine clock of each line's last frame or load
         self._dims: dict[str, int] | None = None
+        self._tags = itertools.count()  # one per embedded frame: names it in windows and plans
+        # how each frame's window map was found (_WindowPlan): planned with the batch, recomputed
+        # from the batch's distances (an earlier frame stayed out of the window), or scored serially
+        self.window_paths = {"planned": 0, "recomputed": 0, "serial": 0}
         self._memory_metadata = {
             "backbone": backbone.spec.name, "weights": backbone.weights_label,
             "image_size": backbone.image_size, "layers": ",".join(map(str, backbone.layers)),
@@ -307,14 +337,13 @@ class Engine:
         frames held from earlier calls (warm-up) and excludes frames held by this call."""
         if not frames:
             return []
-        embedded = self._embed(frames)
-        decisions: list[Decision] = []
-        for item in embedded:  # arrival order: a frame's window holds the frames before it
-            decisions.extend(self._score_one(item))
-        return decisions
+        return self.score(self._embed(frames))
+
+    def _device(self) -> torch.device:
+        return torch.device(getattr(self.backbone, "device", "cpu"))
 
     def _embed(self, frames: list[Frame]) -> list[_Embedded]:
-        start = time.perf_counter()
+        timer = StageTimer(self._device()).start()
         started_at = self.clock()
         with torch.no_grad():
             features = self.backbone.embed([f.image for f in frames], batch_size=len(frames))
@@ -323,12 +352,13 @@ class Engine:
                 for r in self.config.r_list
                 for li, tokens in enumerate(features.patch_tokens)
             }
-            image_features = F.normalize(features.image_features.float(), dim=-1)
-        per_frame_s = (time.perf_counter() - start) / len(frames)
+            # on the host (one copy per batch): drift checks compare them frame by frame
+            image_features = F.normalize(features.image_features.float(), dim=-1).cpu()
+        per_frame_s = timer.stop() / len(frames)
         return [
             _Embedded(
                 frame=f,
-                sets={k: v[i] for k, v in sets_per_r.items()},
+                sets=_Sets({k: v[i] for k, v in sets_per_r.items()}, next(self._tags)),
                 image_feature=image_features[i],
                 backbone_s=per_frame_s,
                 queued_s=max(0.0, started_at - f.received_at),
@@ -336,22 +366,79 @@ class Engine:
             for i, f in enumerate(frames)
         ]
 
-    def _score_one(self, item: _Embedded) -> list[Decision]:
-        state = self.line(item.frame.line)
-        if len(state.window) < self.config.min_references:
-            state.pending.append(item)
-            if len(state.window) + len(state.pending) < self.config.min_references:
-                return []  # keep holding until min_references frames can score each other
-            return self._score_pending(state)
-        start = time.perf_counter()
-        window_map = self._window_map(state, item.sets)
-        level = float(window_map.median())
-        drifting = self._drifts(state, item, level)
-        memory_map = self._memory_map(state, item.sets) if self._memory_scores() else None
-        patch_map = self._combine(window_map, memory_map)
+    def score(self, items: list[_Embedded]) -> list[Decision]:
+        """Score embedded frames as if one at a time in arrival order, the micro-batch at once.
+
+        Window distances of all frames (all lines) come from one batched pass (_WindowPlan); then
+        the frames go in steps, step k holding the k-th frame of each line, because a frame's
+        decision (window, memory, threshold, drift run) shapes the next frame of its line. Each
+        step fuses and scores its frames together with one host transfer. Returns decisions in
+        arrival order; every one carries the call's scoring seconds per frame."""
+        if not items:
+            return []
+        timer = StageTimer(self._device()).start()
+        out: list[list[Decision]] = [[] for _ in items]
+        with torch.no_grad():
+            plan = _WindowPlan(self, items)
+            if self._memory_scores():
+                _prefetch_memory_sets(items, self._memory_keys(items[0].sets))
+            for step in _steps(items):
+                self._score_step(step, items, plan, out)
+        decisions = [d for ds in out for d in ds]
+        if decisions:
+            per_frame_s = timer.stop() / len(decisions)
+            for d in decisions:
+                d.latency_s["scoring"] = per_frame_s
+        return decisions
+
+    def _score_step(self, step: list[int], items: list[_Embedded], plan: "_WindowPlan",
+                    out: list[list[Decision]]) -> None:
+        """Frames of distinct lines: window map and drift check each, then fusion and image scores
+        of all of them at once, then each frame's decision and its effect on its line."""
+        ready = []
+        for i in step:
+            item = items[i]
+            state = self.line(item.frame.line)
+            if len(state.window) < self.config.min_references:
+                state.pending.append(item)
+                if len(state.window) + len(state.pending) >= self.config.min_references:
+                    out[i] = self._score_pending(state)  # else: keep holding until enough frames
+                continue
+            found, path = plan.window_map(i, state.window)
+            if found is None:  # a reference outside the plan (after a changeover, a warm-up batch)
+                window_map = self._window_map(state, item.sets)
+                level = float(window_map.median())
+            else:
+                window_map, level = found
+            self.window_paths[path] += 1
+            drifting = self._drifts(state, item, level)
+            memory_map = self._memory_map(state, item) if self._memory_scores() else None
+            ready.append((i, state, item, window_map, memory_map, level, drifting))
+        if not ready:
+            return
+        window = torch.stack([r[3] for r in ready])
+        memory = has_memory = None
+        if any(r[4] is not None for r in ready):
+            memory = torch.stack([r[3] if r[4] is None else r[4] for r in ready])
+            has_memory = torch.tensor([r[4] is not None for r in ready], device=window.device)
+        patch_maps = stream_scorer.combine(window, memory, has_memory, mode=self.config.score_mode,
+                                           fusion=self.config.fusion, memory_weight=self.config.memory_weight)
+        scores = stream_scorer.image_scores(patch_maps, self.backbone.image_size, self.config.image_score)
+        columns = [scores, window.amax(dim=-1).double()]
+        if memory is not None:
+            columns.append(memory.amax(dim=-1).double())
+        host = torch.stack(columns, dim=1).cpu().tolist()  # the step's one host transfer
+        for n, (i, state, item, window_map, memory_map, level, drifting) in enumerate(ready):
+            memory_score = host[n][2] if memory_map is not None else None
+            out[i] = [self._conclude(state, item, patch_maps[n], host[n][0], host[n][1], memory_score,
+                                     level, drifting)]
+
+    def _conclude(self, state: LineState, item: _Embedded, patch_map: torch.Tensor, score: float,
+                  window_score: float, memory_score: float | None, level: float, drifting: bool) -> Decision:
+        """A scored frame's decision and what it changes in its line (window, memory, threshold,
+        drift run)."""
         steady = state.steady
-        decision = self._decide(state, item, patch_map, window_map, memory_map, steady=steady,
-                                scoring_s=time.perf_counter() - start)
+        decision = self._decide(state, item, patch_map, score, window_score, memory_score, steady=steady)
         decision.drift_suspected = drifting
         if drifting:
             state.suspects.append(item)
@@ -360,20 +447,19 @@ class Engine:
                 decision.changeover = True
             else:
                 self._keep_recent(state, item, decision, steady=steady, in_memory=False)
-            return [decision]
+            return decision
         state.suspects.clear()  # a frame like the window ends any drift run
         state.levels.append(level)
         if state.changeover_pending:
             decision.changeover = True
             state.changeover_pending = False
-        in_memory = self._remember(state, item, decision, window_score=float(window_map.max()), steady=steady)
+        in_memory = self._remember(state, item, decision, window_score=window_score, steady=steady)
         self._keep_recent(state, item, decision, steady=steady, in_memory=in_memory)
-        return [decision]
+        return decision
 
     def _score_pending(self, state: LineState) -> list[Decision]:
         """Batch MuSc among the held frames and whatever the window holds (few frames, after a
         start or a changeover), then move the held frames into the window."""
-        start = time.perf_counter()
         held = state.pending
         state.pending = []
         w = len(state.window)
@@ -381,23 +467,24 @@ class Engine:
         for key in held[0].sets:
             stack = torch.stack([h.sets[key] for h in held])  # (P, L, C)
             if w:
-                stack = torch.cat([state.window.references(key), stack])  # (W+P, L, C)
+                stack = torch.cat([state.window.references(key).float(), stack])  # (W+P, L, C)
             maps.append(mutual_scores(stack, self.config.topmin_max,
                                       distance_dtype=self.config.distance_dtype)[w:])  # (P, L)
         patch_maps = torch.stack(maps).mean(0)  # (P, L)
-        scoring_s = (time.perf_counter() - start) / len(held)
+        scores = stream_scorer.image_scores(patch_maps, self.backbone.image_size, self.config.image_score)
+        host = torch.stack([scores, patch_maps.amax(dim=-1).double(),
+                            patch_maps.median(dim=-1).values.double()], dim=1).cpu().tolist()
         decisions = []
         for i, item in enumerate(held):
-            decision = self._decide(state, item, patch_maps[i], patch_maps[i], None, steady=False,
-                                    scoring_s=scoring_s)
+            decision = self._decide(state, item, patch_maps[i], host[i][0], host[i][1], None, steady=False)
             decision.window_size = w + len(held) - 1
             decisions.append(decision)
         if state.changeover_pending:
             decisions[0].changeover = True
             state.changeover_pending = False
-        for item, decision, patch_map in zip(held, decisions, patch_maps):
-            state.levels.append(float(patch_map.median()))
-            in_memory = self._remember(state, item, decision, window_score=float(patch_map.max()), steady=False)
+        for i, (item, decision) in enumerate(zip(held, decisions)):
+            state.levels.append(host[i][2])
+            in_memory = self._remember(state, item, decision, window_score=host[i][1], steady=False)
             self._keep_recent(state, item, decision, steady=False, in_memory=in_memory)
         return decisions
 
@@ -405,9 +492,10 @@ class Engine:
         return self.config.memory_enabled and self.config.score_mode != "window"
 
     def _window_map(self, state: LineState, sets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One frame's window map against the line's window as it is (the serial path)."""
         per_set = []
         for key, feats in sets.items():
-            refs = state.window.references(key)  # (W, L, C)
+            refs = state.window.references(key).float()  # (W, L, C); a reduced-precision window is upcast
             if self.config.aligned:
                 dist = aligned_nearest_distances(feats[None], refs, self.config.aligned_radius)
             else:
@@ -415,36 +503,32 @@ class Engine:
             per_set.append(interval_average(dist[0], self.config.topmin_max))  # (L,)
         return torch.stack(per_set).mean(0)
 
+    def _memory_keys(self, sets: dict[str, torch.Tensor]) -> tuple[str, ...]:
+        keep = tuple(f"_r{r}" for r in self.config.memory_r_list)
+        return tuple(k for k in sets if k.endswith(keep))
+
     def _memory_sets(self, sets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The feature sets the memory keeps, on the model's device (the memory lives there too)."""
-        keep = tuple(f"_r{r}" for r in self.config.memory_r_list)
-        return {k: v.detach().float() for k, v in sets.items() if k.endswith(keep)}
+        return {k: sets[k].detach().float() for k in self._memory_keys(sets)}
 
-    def _memory_map(self, state: LineState, sets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def _host_memory_sets(self, item: _Embedded) -> dict[str, np.ndarray]:
+        """``_memory_sets`` of a frame, copied to the host once per batch (score())."""
+        if item.memory_arrays is None:
+            _prefetch_memory_sets([item], self._memory_keys(item.sets))
+        return item.memory_arrays
+
+    def _memory_map(self, state: LineState, item: _Embedded) -> torch.Tensor | None:
         """Nearest-patch distance to the line's memory once it holds min_references frames."""
         if state.memory_frames() < self.config.min_references:
             return None
         state.memory.expire(self.clock(), keep_newest=self._memory_floor())
         radius = self.config.aligned_radius if self.config.aligned else None  # aligned applies here too
-        score = state.memory.score_map(self._memory_sets(sets), k=self.config.memory_k, aligned_radius=radius)
-        return score.to(next(iter(sets.values())).device)
+        score = state.memory.score_map(self._memory_sets(item.sets), k=self.config.memory_k, aligned_radius=radius)
+        return score.to(next(iter(item.sets.values())).device)
 
     def _memory_floor(self) -> int:
         """Patches age-out never removes: a window's worth, so the memory never leaves the score."""
         return self.config.window_size * self.config.memory_patches_per_frame
-
-    def _combine(self, window_map: torch.Tensor, memory_map: torch.Tensor | None) -> torch.Tensor:
-        """One scale: the memory map is rescaled by the ratio of the two maps' patch medians."""
-        mode = self.config.score_mode
-        if memory_map is None or mode == "window":
-            return window_map
-        scale = window_map.median() / memory_map.median().clamp_min(1e-6)
-        memory_on_window_scale = memory_map * scale
-        if mode == "memory":
-            return memory_on_window_scale
-        if self.config.fusion == "max":
-            return torch.maximum(window_map, self.config.memory_weight * memory_on_window_scale)
-        return 0.5 * (window_map + memory_on_window_scale)
 
     def _drifts(self, state: LineState, item: _Embedded, level: float) -> bool:
         """Is this frame unlike the (frozen) window as a whole? Either its median patch is far from
@@ -468,25 +552,11 @@ class Engine:
             state.window.add(item.sets, item.image_feature)
         state.changeover_pending = False  # this decision carries the changeover flag
 
-    def _image_score(self, grid: torch.Tensor) -> float:
-        """Image score from a (1, h, w) patch map, by ``image_score`` (see module docstring)."""
-        s = self.backbone.image_size
-        how = self.config.image_score
-        if how == "smooth":
-            grid = F.avg_pool2d(grid[None], 3, stride=1, padding=1, count_include_pad=False)[0]
-        up = upsample_maps(grid, (s, s))
-        if how == "topk":
-            k = max(1, int(_TOPK_FRACTION * up.numel()))
-            return float(torch.topk(up.flatten(), k).values.mean())
-        return float(up.max())
-
-    def _decide(self, state, item, patch_map, window_map, memory_map, *, steady, scoring_s) -> Decision:
+    def _decide(self, state, item, patch_map, score: float, window_score: float | None,
+                memory_score: float | None, *, steady: bool) -> Decision:
         frame = item.frame
         side = int(round(patch_map.numel() ** 0.5))
         grid = patch_map.reshape(1, side, side).double()
-        score = self._image_score(grid)
-        window_score = float(window_map.max()) if window_map is not None else None
-        memory_score = float(memory_map.max()) if memory_map is not None else None
         threshold = state.threshold.value if steady or state.threshold.override is not None else None
         is_anomaly = threshold is not None and score > threshold
         heatmap, regions = None, []
@@ -502,7 +572,7 @@ class Engine:
             window_size=len(state.window), memory_size=state.memory_size, camera=frame.camera,
             received_at=frame.received_at, decided_at=self.clock(),
             latency_s={"decode": frame.decode_s, "queue": item.queued_s,
-                       "backbone": item.backbone_s, "scoring": scoring_s},
+                       "backbone": item.backbone_s, "scoring": 0.0},  # scoring: set by score()
             model=f"{self.backbone.spec.name}@{self.backbone.image_size}",
             weights=self.backbone.weights_label, ack=frame.ack,
             target_false_alarms_per_1000=self.config.target_false_alarms_per_1000,
@@ -524,7 +594,7 @@ class Engine:
             state.warmup_scores.append(window_score)
             if _is_warmup_outlier(state.warmup_scores):
                 return False
-        arrays = self._memory_sets(item.sets)
+        arrays = self._host_memory_sets(item)
         state.ensure_memory(arrays).add(arrays, self.clock())  # service clock, never the camera's
         return True
 
@@ -538,7 +608,7 @@ class Engine:
         if not (needs_memory or needs_history):
             state.recent.learnt(decision.frame_id)
             return
-        sets = {k: v.cpu().numpy() for k, v in self._memory_sets(item.sets).items()} if needs_memory else None
+        sets = self._host_memory_sets(item) if needs_memory else None
         state.recent.keep(decision.frame_id, decision.score, sets, to_threshold=needs_history)
 
     def apply_feedback(self, line: str, frame_id: str, verdict: str) -> FeedbackResult:
@@ -782,6 +852,133 @@ class Engine:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
                 logger.info("line %s: deleted persisted state %s", line, path)
+
+
+class _WindowPlan:
+    """Window distances of a whole micro-batch, computed before any of its frames is decided.
+
+    Each line's pool is its window as it stands (slots 0..count-1) followed by the batch's frames of
+    that line; all lines' frames against all their pools go through stream_scorer in one batched
+    pass per feature set. A frame's window is speculated by replaying the ring buffer as if every
+    earlier frame of its line in the batch joined it (the common case) and its map computed with
+    that causal mask, all frames together, with one host transfer for the drift levels. When a frame
+    is decided, ``window_map`` checks the speculation against the window it really meets (a drifting
+    frame stayed out; a changeover reset the line) and recomputes from the distances, or returns
+    None when that window holds a frame outside the pool (the engine then scores it serially)."""
+
+    def __init__(self, engine: "Engine", items: list[_Embedded]):
+        config = engine.config
+        self.topmin_max = config.topmin_max
+        self.rows: dict[int, tuple[int, int]] = {}  # item index → (line group, row in group)
+        self.pool_index: list[dict[int, int]] = []  # per group: tag → pool column
+        by_line: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            by_line.setdefault(item.frame.line, []).append(i)
+        queries, pools_window, pools_batch, speculated = [], [], [], {}
+        for g, (name, members) in enumerate(by_line.items()):
+            state = engine.lines.get(name)
+            window = state.window if state is not None else None
+            count = len(window) if window is not None else 0
+            index = {window.tags[s]: s for s in range(count) if window.tags[s] is not None} if count else {}
+            for b, i in enumerate(members):
+                self.rows[i] = (g, b)
+                index[items[i].sets.tag] = count + b
+            self.pool_index.append(index)
+            queries.append(members)
+            pools_window.append(window if count else None)
+            pools_batch.append(members)
+            if state is not None and not state.pending:
+                speculated.update(_speculate(window, members, items, config.min_references, count))
+        self.distances = None
+        self.speculated: dict[int, list[int]] = speculated
+        self.maps: dict[int, tuple[torch.Tensor, float]] = {}
+        if len(items) == 1 and not speculated:
+            return  # a lone frame in warm-up or of a new line: nothing to plan
+        keys = list(items[0].sets)
+        per_set = []
+        for key in keys:
+            q = [torch.stack([items[i].sets[key] for i in m]) for m in queries]
+            win = [w.references(key) if w is not None else q[0].new_zeros((0, *q[0].shape[1:]))
+                   for w in pools_window]
+            kwargs = dict(distance_dtype=config.distance_dtype,
+                          aligned_radius=config.aligned_radius if config.aligned else None)
+            d_window = stream_scorer.pool_distances(q, win, **kwargs)  # (G, B, L, W)
+            d_batch = stream_scorer.pool_distances(q, q, causal=True, **kwargs) if len(items) > 1 else d_window[..., :0]
+            per_set.append(self._join(d_window, d_batch, [len(x) for x in win], [len(x) for x in q]))
+        self.distances = torch.stack(per_set)  # (S, G, B, L, P)
+        if speculated:
+            order = list(speculated)
+            maps = stream_scorer.window_maps(self.distances, [self.rows[i] for i in order],
+                                             [speculated[i] for i in order], self.topmin_max)
+            levels = maps.median(dim=-1).values.cpu().tolist()  # the batch's one host transfer
+            self.maps = {i: (maps[n], levels[n]) for n, i in enumerate(order)}
+
+    @staticmethod
+    def _join(d_window: torch.Tensor, d_batch: torch.Tensor, windows: list[int], batches: list[int]) -> torch.Tensor:
+        """Per group, window columns 0..W_g-1 then batch columns W_g..W_g+B_g-1 (padded to the max)."""
+        if len(windows) == 1:
+            return torch.cat([d_window[..., : windows[0]], d_batch[..., : batches[0]]], dim=-1)
+        width = max(w + b for w, b in zip(windows, batches))
+        out = d_window.new_zeros((*d_window.shape[:-1], width))
+        for g, (w, b) in enumerate(zip(windows, batches)):
+            out[g, ..., :w] = d_window[g, ..., :w]
+            out[g, ..., w:w + b] = d_batch[g, ..., :b]
+        return out
+
+    def window_map(self, i: int, window: _Window) -> tuple[tuple[torch.Tensor, float] | None, str]:
+        """Frame i's window map and its median patch score against ``window`` as it is now (None:
+        score it serially), and which path gave it ("planned", "recomputed", "serial")."""
+        if self.distances is None or i not in self.rows:
+            return None, "serial"
+        g = self.rows[i][0]
+        refs = [self.pool_index[g].get(t) for t in window.tags[: len(window)]]
+        if not refs or None in refs:
+            return None, "serial"
+        if self.speculated.get(i) == refs:
+            return self.maps[i], "planned"
+        found = stream_scorer.window_maps(self.distances, [self.rows[i]], [refs], self.topmin_max)[0]
+        return (found, float(found.median())), "recomputed"
+
+
+def _speculate(window: _Window | None, members: list[int], items: list[_Embedded], min_references: int,
+               count: int) -> dict[int, list[int]]:
+    """Pool columns each frame of one line would see if every frame joined the window in turn."""
+    capacity = window.capacity if window is not None else 0
+    if window is None:
+        return {}
+    slots = list(range(count)) + [None] * (capacity - count)  # slot → pool column
+    nxt, filled, out = window._next, count, {}
+    for b, i in enumerate(members):
+        if filled < min_references:
+            break  # this frame would wait for the warm-up batch: no speculation past it
+        out[i] = [slots[s] for s in range(filled)]
+        slots[nxt] = count + b
+        nxt = (nxt + 1) % capacity
+        filled = min(capacity, filled + 1)
+    return out
+
+
+def _steps(items: list[_Embedded]) -> list[list[int]]:
+    """Item indices by step: step k holds the k-th frame of each line, in arrival order."""
+    seen: dict[str, int] = {}
+    steps: list[list[int]] = []
+    for i, item in enumerate(items):
+        k = seen.get(item.frame.line, 0)
+        seen[item.frame.line] = k + 1
+        if k == len(steps):
+            steps.append([])
+        steps[k].append(i)
+    return steps
+
+
+def _prefetch_memory_sets(items: list[_Embedded], keys: tuple[str, ...]) -> None:
+    """The memory's feature sets of all frames to the host in one copy per set."""
+    todo = [item for item in items if item.memory_arrays is None]
+    if not todo:
+        return
+    host = {k: torch.stack([item.sets[k] for item in todo]).detach().float().cpu().numpy() for k in keys}
+    for n, item in enumerate(todo):
+        item.memory_arrays = {k: host[k][n] for k in keys}
 
 
 def state_dir_name(line: str) -> str:

@@ -15,6 +15,8 @@ Histogram buckets:
 - ``musc_end_to_end_latency_seconds``: 10 ms (GPU, small batch) to 120 s (CPU box, or a line
   still in warm-up, whose first frames wait for enough references).
 - ``musc_stage_latency_seconds``: 0.5 ms (decode of a small JPEG) to 30 s (backbone on a CPU).
+  Every stage is seconds per frame, one observation per frame: a stage done for a whole batch
+  (backbone, scoring, publish, audit) observes the batch's time divided by its frames.
 - ``musc_batch_size``: powers of two up to 128 frames per micro-batch.
 """
 
@@ -250,11 +252,16 @@ class Metrics:
 
     # -- histograms and gauges ------------------------------------------------------------------
 
-    def observe_stage(self, stage: str, seconds: float) -> None:
-        """Record one frame's time in a stage; only the stages in STAGES (fixed label values)."""
+    def observe_stage(self, stage: str, seconds: float, frames: int = 1) -> None:
+        """Record a stage's time; only the stages in STAGES (fixed label values). ``seconds`` spent
+        on ``frames`` frames together (a batch) count as ``frames`` observations of seconds/frames,
+        so every stage's histogram is seconds per frame, counted per frame."""
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-        self.stage_latency.labels(stage).observe(seconds)
+        if frames < 1:
+            return
+        for _ in range(frames):
+            self.stage_latency.labels(stage).observe(seconds / frames)
 
     def observe_batch(self, size: int) -> None:
         self.batch_size.observe(size)
