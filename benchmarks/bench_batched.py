@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 
 from musc_stream.evaluation.datasets import camera_setup, discover, load_image  # noqa: E402
-from musc_stream.stream.engine import Engine, EngineConfig  # noqa: E402
+from musc_stream.service.config import Settings, settings_with  # noqa: E402
+from musc_stream.stream.engine import Engine  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
 from musc_stream.stream.records import Frame  # noqa: E402
 from musc_stream.evaluation.stream_eval import PrecomputedBackbone  # noqa: E402
@@ -62,8 +63,8 @@ def frames_of(images, lines: int, start: int, stop: int) -> list[Frame]:
             for i in range(start, stop) for k in range(lines)]
 
 
-def timed_run(backbone, images, lines: int, batch: int, warmup: int, frames: int, config: EngineConfig) -> dict:
-    engine = Engine(backbone, config, clock=Clock())
+def timed_run(backbone, images, lines: int, batch: int, warmup: int, frames: int, settings: Settings) -> dict:
+    engine = Engine(backbone, settings, clock=Clock())
     warm = frames_of(images, lines, 0, warmup)
     for s in range(0, len(warm), 8):
         engine.process(warm[s:s + 8])
@@ -81,8 +82,8 @@ def timed_run(backbone, images, lines: int, batch: int, warmup: int, frames: int
             "window_paths": dict(engine.window_paths), "scores": [d.score for d in decisions]}
 
 
-def precision_run(backbone, images, labels, dtype: str, config: EngineConfig) -> dict:
-    engine = Engine(backbone, EngineConfig(**{**config.__dict__, "window_dtype": dtype}), clock=Clock())
+def precision_run(backbone, images, labels, dtype: str, settings: Settings) -> dict:
+    engine = Engine(backbone, settings_with(settings, engine={"window_dtype": dtype}), clock=Clock())
     todo = frames_of(images, 1, 0, len(images))
     decisions = []
     for s in range(0, len(todo), 8):
@@ -106,13 +107,13 @@ def main() -> None:
     args = parser.parse_args()
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_batched.py " + " ".join(sys.argv[1:])
     torch.set_num_threads(1)
-    config = EngineConfig()
+    settings = Settings()
     n = max(args.warmup + args.frames, args.precision_frames)
     backbone, images, labels = load(n, defects=6)
     runs = []
     for lines in args.lines:
         for batch in args.batches:
-            run = timed_run(backbone, images, lines, batch, args.warmup, args.frames, config)
+            run = timed_run(backbone, images, lines, batch, args.warmup, args.frames, settings)
             print(f"{lines} line(s), micro-batch {batch}: {run['ms_per_frame']:.1f} ms/frame {run['window_paths']}")
             runs.append(run)
     for lines in args.lines:  # every micro-batch size decides the same scores
@@ -122,7 +123,7 @@ def main() -> None:
                 r["max_score_change_vs_first"] = float(np.max(np.abs(np.subtract(r["scores"], ref))))
     p_images = images[: args.precision_frames] + images[-6:]
     p_labels = labels[: args.precision_frames] + labels[-6:]
-    precision = [precision_run(backbone, p_images, p_labels, d, config) for d in ("float32", "float16", "bfloat16")]
+    precision = [precision_run(backbone, p_images, p_labels, d, settings) for d in ("float32", "float16", "bfloat16")]
     base = np.asarray(precision[0]["scores"])
     spread = float(np.std(base[np.asarray(p_labels[: len(base)]) == 0])) if len(base) else float("nan")
     for p in precision[1:]:
@@ -130,7 +131,8 @@ def main() -> None:
         p.update(max_abs=float(delta.max()), median_abs=float(np.median(delta)), rel_to_std=float(delta.max() / spread),
                  decisions_changed=int(sum(a != b for a, b in zip(p["anomaly"], precision[0]["anomaly"]))))
     sizes = {"ViT-S@224": (12, 256, 384), "ViT-L@518": (12, 1369, 1024)}
-    bytes_table = {name: {dt: window_bytes(s, config.window_size, L, c, b) for dt, b in (("float32", 4), ("float16", 2))}
+    window = settings.engine.window_size
+    bytes_table = {name: {dt: window_bytes(s, window, L, c, b) for dt, b in (("float32", 4), ("float16", 2))}
                    for name, (s, L, c) in sizes.items()}
     env = environment()
     env["command"] = command

@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,8 @@ from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 from musc_stream.evaluation.datasets import load_image  # noqa: E402
 from musc_stream.evaluation.stream_eval import PrecomputedBackbone, build_lines, embed_cached  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
-from musc_stream.stream.engine import Engine, EngineConfig  # noqa: E402
+from musc_stream.service.config import Settings, settings_with  # noqa: E402
+from musc_stream.stream.engine import Engine  # noqa: E402
 from musc_stream.stream.feedback import APPLIED, NOT_DEFECT  # noqa: E402
 from musc_stream.stream.records import Frame  # noqa: E402
 
@@ -47,10 +47,10 @@ class _Clock:
         return self.now
 
 
-def replay_with_feedback(backbone, config: EngineConfig, images, labels, n_feedback: int, line: str) -> dict:
+def replay_with_feedback(backbone, settings: Settings, images, labels, n_feedback: int, line: str) -> dict:
     """One replay; the first ``n_feedback`` false alarms are marked not_defect as they happen."""
     clock = _Clock()
-    engine = Engine(backbone, config, clock=clock)
+    engine = Engine(backbone, settings, clock=clock)
     n = len(images)
     alerts, warmup = np.zeros(n, bool), np.zeros(n, bool)
     given, applied = [], 0
@@ -81,7 +81,7 @@ def counted_metrics(run: dict, labels: np.ndarray, start: int) -> dict:
             "applied": run["applied"]}
 
 
-def evaluate_line(backbone, config, images, labels, name: str) -> dict:
+def evaluate_line(backbone, settings: Settings, images, labels, name: str) -> dict:
     """Every N of FEEDBACK_COUNTS on one line. A run that met at most N false alarms is also the run
     of every larger N (nothing more to mark, so nothing differs): it is reused, not replayed."""
     runs: dict[int, dict] = {}
@@ -94,7 +94,7 @@ def evaluate_line(backbone, config, images, labels, name: str) -> dict:
             runs[n] = runs[0]  # no false alarm at all: feedback never happens
             continue
         started = time.perf_counter()
-        previous = runs[n] = replay_with_feedback(backbone, config, images, labels, n, name)
+        previous = runs[n] = replay_with_feedback(backbone, settings, images, labels, n, name)
         print(f"  {name} N={n}: {len(previous['false_alarms'])} false alarms, feedback on "
               f"{previous['feedback_on']} ({time.perf_counter() - started:.0f} s)", flush=True)
     first = runs[0]["false_alarms"]
@@ -172,9 +172,9 @@ def main() -> int:
     result = {"data": args.data, "frames": args.frames, "backbone": backbone.spec.name, "image_size": 224,
               "weights": backbone.weights_label, "targets": {}}
     for target in args.targets:
-        config = replace(EngineConfig(), target_false_alarms_per_1000=target)
+        settings = settings_with(threshold={"target_false_alarms_per_1000": target})
         print(f"target {target:g} per 1,000", flush=True)
-        rows = [evaluate_line(cached, config, images, labels, name) for name, images, labels, cached in prepared]
+        rows = [evaluate_line(cached, settings, images, labels, name) for name, images, labels, cached in prepared]
         result["targets"][f"{target:g}"] = {"lines": rows, "pooled": pooled(rows)}
     result["wall_s"] = time.perf_counter() - started
     env = environment()

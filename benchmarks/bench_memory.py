@@ -167,13 +167,14 @@ def real_stream(n_frames: int):
 
 def dtype_scores(backbone, images, labels) -> list[dict]:
     """Image scores of one real stream through engines that differ only in the memory's dtype."""
-    from musc_stream.stream.engine import Engine, EngineConfig
+    from musc_stream.service.config import settings_with
+    from musc_stream.stream.engine import Engine
     from musc_stream.stream.records import Frame
 
     scores = {}
     for dtype in ("float32", "float16", "bfloat16"):
         now = [1_000_000.0]
-        engine = Engine(backbone, EngineConfig(memory_options={"dtype": dtype}), clock=lambda: now[0])
+        engine = Engine(backbone, settings_with(memory={"dtype": dtype}), clock=lambda: now[0])
         start = time.perf_counter()
         decisions = []
         for i, image in enumerate(images):

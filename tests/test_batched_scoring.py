@@ -7,7 +7,8 @@ import pytest
 import torch
 from skimage import data
 
-from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.service.config import settings_with
+from musc_stream.stream.engine import Engine
 from musc_stream.model import stream_scorer
 from musc_stream.model.backbone import BackboneSpec, load_backbone
 from musc_stream.model.musc import interval_average, nearest_distances
@@ -60,12 +61,13 @@ def stream():
             for line, i, img in frames]
 
 
-CONFIG = EngineConfig(window_size=6, min_references=3, threshold_min_history=4, threshold_method="mad",
-                      threshold_k_mad=3.0, memory_patches_per_frame=10, drift_patience=3)
+SETTINGS = settings_with(engine={"window_size": 6, "min_references": 3, "drift_patience": 3},
+                         memory={"patches_per_frame": 10},
+                         threshold={"min_history": 4, "method": "mad", "k_mad": 3.0})
 
 
-def decide(backbone, frames, batch, config=CONFIG):
-    engine = Engine(backbone, config, clock=Clock())
+def decide(backbone, frames, batch, settings=SETTINGS):
+    engine = Engine(backbone, settings, clock=Clock())
     decisions = []
     for start in range(0, len(frames), batch):
         decisions.extend(engine.process(frames[start:start + batch]))
@@ -132,18 +134,18 @@ def test_lines_in_one_padded_matmul_equal_each_line_alone():
 def test_float16_window_scores_close_and_halves_the_bytes(backbone):
     frames = [f for f in stream() if f.line == "a"]
     full, full_decisions = decide(backbone, frames, 8)
-    half, half_decisions = decide(backbone, frames, 8, EngineConfig(**{**CONFIG.__dict__, "window_dtype": "float16"}))
+    half, half_decisions = decide(backbone, frames, 8, settings_with(SETTINGS, engine={"window_dtype": "float16"}))
     assert half.lines["a"].window.nbytes * 2 == full.lines["a"].window.nbytes
     diff = max(abs(a.score - b.score) for a, b in zip(full_decisions, half_decisions))
     assert 0 < diff < 1e-2  # rounded, not equal; real-weight numbers in benchmarks/results/batched.md
 
 
-def test_window_dtype_comes_from_the_settings_and_is_checked():
+def test_window_dtype_comes_from_the_settings_and_is_checked(backbone):
     from musc_stream.service.config import load_settings
     settings = load_settings(None, env={"MUSC_ENGINE__WINDOW_DTYPE": "bfloat16"}, overrides={})
-    assert EngineConfig.from_settings(settings).window_dtype == "bfloat16"
+    assert Engine(backbone, settings).line("a").window.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="window_dtype"):
-        EngineConfig(window_dtype="int8")
+        settings_with(engine={"window_dtype": "int8"})
 
 
 def test_causal_distances_equal_the_full_ones_where_a_frame_may_look():

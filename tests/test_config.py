@@ -14,6 +14,7 @@ from musc_stream.service.config import (
     Settings,
     describe_settings,
     load_settings,
+    settings_with,
 )
 
 OPERATOR_ENV = {
@@ -79,6 +80,40 @@ def test_plain_settings_never_reads_the_environment(monkeypatch):
     monkeypatch.setenv("MUSC_MQTT__HOST", "from-os-environ")
     assert Settings().mqtt.host == "localhost"
     assert load_settings().mqtt.host == "from-os-environ"  # env=None means os.environ
+
+
+def test_settings_with_changes_only_the_named_fields_and_reads_no_environment(monkeypatch):
+    monkeypatch.setenv("MUSC_ENGINE__WINDOW_SIZE", "99")
+    monkeypatch.setenv("MUSC_MEMORY__K", "7")
+    s = settings_with(engine={"window_size": 6}, threshold={"method": "mad"})
+    assert (s.engine.window_size, s.threshold.method) == (6, "mad")
+    assert s.engine.min_references == 5 and s.memory.k == 1  # defaults, not the environment
+    t = settings_with(s, engine={"min_references": 3}, mqtt={"instance": "w2"})
+    assert (t.engine.window_size, t.engine.min_references, t.threshold.method) == (6, 3, "mad")  # kept from s
+    assert t.mqtt.client_id == "musc-stream-w2"  # a derived default follows the new instance
+    assert settings_with(settings_with(mqtt={"client_id": "mine"}), mqtt={"instance": "w2"}).mqtt.client_id == "mine"
+
+
+def test_settings_with_checks_like_settings():
+    with pytest.raises(ValidationError, match="windowsize"):
+        settings_with(engine={"windowsize": 6})
+    with pytest.raises(ValueError, match="unknown settings areas"):
+        settings_with(enigne={"window_size": 6})
+    with pytest.raises(ValidationError, match="min_references must not exceed"):
+        settings_with(engine={"window_size": 4})  # min_references stays 5
+    with pytest.raises(ValidationError, match="memory.r_list"):
+        settings_with(model={"r_list": (1, 5)})  # memory.r_list stays (3,)
+
+
+def test_memory_options_are_patch_memory_arguments():
+    from musc_stream.model.memory import PatchMemory
+
+    memory_settings = settings_with(memory={"use_gpu": "auto", "dtype": "float16", "patches_per_frame": 8}).memory
+    options = memory_settings.memory_options()
+    assert options["use_gpu"] is None and options["dtype"] == "float16" and options["patches_per_frame"] == 8
+    assert settings_with(memory={"use_gpu": False}).memory.memory_options()["use_gpu"] is False
+    memory = PatchMemory({"l0_r3": 4}, **options)
+    assert memory.patches_per_frame == 8
 
 
 def test_toml_file_loads(tmp_path):
@@ -163,6 +198,7 @@ def test_unknown_init_key_rejected():
     ({"MUSC_ENGINE__MIN_REFERENCES": "20"}, "min_references must not exceed"),
     ({"MUSC_MEMORY__ENABLED": "false"}, "needs memory.enabled"),
     ({"MUSC_MODEL__R_LIST": "[1, 2]"}, "odd"),
+    ({"MUSC_MODEL__R_LIST": "[1, 5]"}, r"memory.r_list \[3\] must be a subset of model.r_list \[1, 5\]"),
     ({"MUSC_MODEL__DEVICE": "gpu"}, "device"),
     ({"MUSC_THRESHOLD__OVERRIDES": '{"a b": 1.0}'}, "line_id_pattern rejects"),
     ({"MUSC_FRAMES__LINE_ID_PATTERN": ".*"}, "unsafe line ids"),

@@ -10,7 +10,8 @@ import pytest
 from skimage import data
 
 from musc_stream.model.backbone import BackboneSpec, load_backbone
-from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.service.config import settings_with
+from musc_stream.stream.engine import Engine
 from musc_stream.stream.records import Frame
 
 
@@ -45,7 +46,7 @@ def run(engine, frames):
 
 
 def test_warmup_holds_first_frames_then_scores_all_without_nan(backbone):
-    engine = Engine(backbone, EngineConfig(window_size=8, min_references=5))
+    engine = Engine(backbone, settings_with(engine={"window_size": 8, "min_references": 5}))
     frames = frames_for("a", crops(data.brick(), 7, seed=0))
     assert engine.process(frames[:4]) == []  # held: not enough references yet
     held = engine.process(frames[4:5])
@@ -56,8 +57,9 @@ def test_warmup_holds_first_frames_then_scores_all_without_nan(backbone):
 
 
 def test_painted_defect_scores_highest_and_gets_regions(backbone):
-    config = EngineConfig(window_size=8, min_references=5, threshold_min_history=5, threshold_k_mad=3.0, threshold_method="mad")
-    engine = Engine(backbone, config)
+    settings = settings_with(engine={"window_size": 8, "min_references": 5},
+                             threshold={"min_history": 5, "k_mad": 3.0, "method": "mad"})
+    engine = Engine(backbone, settings)
     images = crops(data.brick(), 24, seed=1, defects={20})
     decisions = run(engine, frames_for("a", images))
     scores = {d.frame_id: d.score for d in decisions}
@@ -69,9 +71,9 @@ def test_painted_defect_scores_highest_and_gets_regions(backbone):
 
 
 def test_memory_holds_only_frames_judged_normal(backbone):
-    config = EngineConfig(window_size=6, min_references=5, threshold_min_history=5, threshold_k_mad=3.0, threshold_method="mad",
-                          memory_patches_per_frame=10)
-    engine = Engine(backbone, config)
+    settings = settings_with(engine={"window_size": 6, "min_references": 5}, memory={"patches_per_frame": 10},
+                             threshold={"min_history": 5, "k_mad": 3.0, "method": "mad"})
+    engine = Engine(backbone, settings)
     decisions = run(engine, frames_for("a", crops(data.brick(), 24, seed=2, defects={18, 21})))
     normal = [d for d in decisions if not d.is_anomaly]
     anomalous = [d for d in decisions if d.is_anomaly]
@@ -85,14 +87,15 @@ def test_memory_holds_only_frames_judged_normal(backbone):
 
 
 def test_window_mode_never_builds_a_memory(backbone):
-    engine = Engine(backbone, EngineConfig(window_size=6, score_mode="window", threshold_min_history=5))
+    engine = Engine(backbone, settings_with(engine={"window_size": 6, "score_mode": "window"},
+                                            threshold={"min_history": 5}))
     decisions = run(engine, frames_for("a", crops(data.brick(), 16, seed=3)))
     assert engine.lines["a"].memory is None
     assert all(d.memory_score is None for d in decisions)
 
 
 def test_lines_are_independent_and_reset_starts_over(backbone):
-    engine = Engine(backbone, EngineConfig(window_size=6, min_references=5))
+    engine = Engine(backbone, settings_with(engine={"window_size": 6, "min_references": 5}))
     run(engine, frames_for("a", crops(data.brick(), 8, seed=4)))
     run(engine, frames_for("b", crops(data.grass(), 3, seed=4)))
     assert len(engine.lines["a"].window) == 6 and len(engine.lines["b"].pending) == 3
@@ -104,15 +107,16 @@ def test_lines_are_independent_and_reset_starts_over(backbone):
 
 
 def test_drift_to_another_product_triggers_changeover(backbone):
-    engine = Engine(backbone, EngineConfig(window_size=8, min_references=5, drift_threshold=0.02,
-                                           drift_patience=3))
+    engine = Engine(backbone, settings_with(engine={"window_size": 8, "min_references": 5, "drift_threshold": 0.02,
+                                                    "drift_patience": 3}))
     run(engine, frames_for("a", crops(data.brick(), 10, seed=6)))
     after = run(engine, frames_for("a", crops(data.gravel(), 8, seed=6), start=10))
     assert any(d.changeover for d in after)
 
 
 def test_aligned_mode_scores_and_flags_the_defect(backbone):
-    engine = Engine(backbone, EngineConfig(window_size=8, aligned=True, aligned_radius=1, threshold_min_history=5))
+    engine = Engine(backbone, settings_with(engine={"window_size": 8, "aligned": True, "aligned_radius": 1},
+                                            threshold={"min_history": 5}))
     images = crops(data.brick(), 16, seed=7, defects={14})
     decisions = run(engine, frames_for("a", images))
     scores = {d.frame_id: d.score for d in decisions}
@@ -120,12 +124,13 @@ def test_aligned_mode_scores_and_flags_the_defect(backbone):
 
 
 def test_state_round_trip_restores_memory_and_threshold(backbone, tmp_path):
-    config = EngineConfig(window_size=6, threshold_min_history=5, memory_patches_per_frame=16)
-    engine = Engine(backbone, config)
+    settings = settings_with(engine={"window_size": 6}, memory={"patches_per_frame": 16},
+                             threshold={"min_history": 5})
+    engine = Engine(backbone, settings)
     run(engine, frames_for("line-1", crops(data.brick(), 20, seed=8)))
     before = engine.lines["line-1"]
     engine.save_state(tmp_path)
-    fresh = Engine(backbone, config)
+    fresh = Engine(backbone, settings)
     assert fresh.load_state(tmp_path) == ["line-1"]
     after = fresh.lines["line-1"]
     assert after.memory_size == before.memory_size > 0
@@ -133,19 +138,39 @@ def test_state_round_trip_restores_memory_and_threshold(backbone, tmp_path):
 
 
 def test_state_from_another_model_is_refused(backbone, tmp_path):
-    config = EngineConfig(window_size=6, threshold_min_history=5, memory_patches_per_frame=16)
-    engine = Engine(backbone, config)
+    settings = settings_with(engine={"window_size": 6}, memory={"patches_per_frame": 16},
+                             threshold={"min_history": 5})
+    engine = Engine(backbone, settings)
     run(engine, frames_for("x", crops(data.brick(), 16, seed=9)))
     engine.save_state(tmp_path)
     other = load_backbone(BackboneSpec(name="random-vit-tiny", pretrained=None, image_size=128))
-    fresh = Engine(other, config)
+    fresh = Engine(other, settings)
     fresh.load_state(tmp_path)
     assert fresh.lines["x"].memory is None  # image size differs: the snapshot is not trusted
 
 
+def test_engine_reads_its_areas_of_the_settings(backbone):
+    import torch
+
+    settings = settings_with(engine={"window_size": 6, "feedback_frames": 3, "feedback_max_bytes": 1000,
+                                     "window_dtype": "float16"},
+                             memory={"r_list": (1,), "patches_per_frame": 16},
+                             model={"r_list": (1, 3)}, threshold={"method": "quantile", "overrides": {"b": 0.5}})
+    engine = Engine(backbone, settings, keep_maps=True)
+    a, b = engine.line("a"), engine.line("b")
+    assert (a.recent.max_frames, a.recent.max_bytes, a.window.dtype) == (3, 1000, torch.float16)
+    assert a.threshold.method == "quantile" and a.threshold.override is None and b.threshold.override == 0.5
+    images = crops(data.brick(), 7, seed=14)
+    sets = engine._embed(frames_for("a", images[:1]))[0].sets
+    assert {k.split("_")[1] for k in sets} == {"r1", "r3"}  # model.r_list
+    assert {k.split("_")[1] for k in engine._memory_keys(sets)} == {"r1"}  # memory.r_list
+    assert all(d.patch_map is not None for d in run(engine, frames_for("a", images)))  # keep_maps
+    assert all(d.patch_map is None for d in run(Engine(backbone, settings), frames_for("a", images)))
+
+
 def test_memory_degrees_must_be_scored_degrees():
-    with pytest.raises(ValueError):
-        EngineConfig(r_list=(1, 3), memory_r_list=(5,))
+    with pytest.raises(ValueError, match="memory.r_list"):
+        settings_with(model={"r_list": (1, 3)}, memory={"r_list": (5,)})
 
 
 @pytest.mark.parametrize("damage", [
@@ -155,8 +180,9 @@ def test_memory_degrees_must_be_scored_degrees():
 def test_a_damaged_snapshot_is_set_aside_and_the_line_starts_fresh(backbone, tmp_path, damage):
     """No snapshot can stop the service from starting: with no intact snapshot left, the damaged
     folder is moved aside, the other lines load, and the damaged line starts fresh."""
-    config = EngineConfig(window_size=6, threshold_min_history=5, memory_patches_per_frame=16)
-    engine = Engine(backbone, config)
+    settings = settings_with(engine={"window_size": 6}, memory={"patches_per_frame": 16},
+                             threshold={"min_history": 5})
+    engine = Engine(backbone, settings)
     run(engine, frames_for("good", crops(data.brick(), 14, seed=10)))
     run(engine, frames_for("bad", crops(data.brick(), 14, seed=11)))
     engine.save_state(tmp_path)
@@ -187,7 +213,7 @@ def test_a_damaged_snapshot_is_set_aside_and_the_line_starts_fresh(backbone, tmp
         meta["live"][-1][1] += 7
         meta["num_live"] += 7
         manifest.write_text(json.dumps(meta))
-    fresh = Engine(backbone, config)
+    fresh = Engine(backbone, settings)
     assert fresh.load_state(tmp_path) == ["good"]
     assert fresh.lines["good"].memory_size > 0
     assert "bad" not in fresh.lines  # starts fresh on its next frame
@@ -196,8 +222,9 @@ def test_a_damaged_snapshot_is_set_aside_and_the_line_starts_fresh(backbone, tmp
 
 
 def test_a_threshold_of_another_version_is_relearnt_and_the_memory_kept(backbone, tmp_path):
-    config = EngineConfig(window_size=6, threshold_min_history=5, memory_patches_per_frame=16)
-    engine = Engine(backbone, config)
+    settings = settings_with(engine={"window_size": 6}, memory={"patches_per_frame": 16},
+                             threshold={"min_history": 5})
+    engine = Engine(backbone, settings)
     run(engine, frames_for("a", crops(data.brick(), 14, seed=13)))
     engine.save_state(tmp_path)
     from musc_stream.stream.engine import state_dir_name
@@ -206,7 +233,7 @@ def test_a_threshold_of_another_version_is_relearnt_and_the_memory_kept(backbone
     saved = json.loads(threshold.read_text())
     saved["threshold"]["version"] = 0
     threshold.write_text(json.dumps(saved))
-    fresh = Engine(backbone, config)
+    fresh = Engine(backbone, settings)
     assert fresh.load_state(tmp_path) == ["a"]
     assert fresh.lines["a"].memory_size == engine.lines["a"].memory_size > 0
     assert len(fresh.lines["a"].threshold) == 0

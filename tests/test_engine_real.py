@@ -4,7 +4,6 @@ and replayed through fresh engines, so each test costs only scoring."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,8 @@ from musc_stream.evaluation.datasets import discover, load_image
 from musc_stream.evaluation.datasets import camera_setup
 from musc_stream.evaluation.stream_eval import PrecomputedBackbone
 from musc_stream.model.backbone import BackboneSpec, load_backbone
-from musc_stream.stream.engine import Engine, EngineConfig, state_dir_name
+from musc_stream.service.config import Settings, settings_with
+from musc_stream.stream.engine import Engine, state_dir_name
 from musc_stream.stream.records import Frame
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ def replay(engine: Engine, images, line="line-1", start=0, ts_offset=0.0, clock:
 @pytest.fixture(scope="module")
 def one_product(tiles):
     """110 normal frames of one set-up through the default engine."""
-    engine = Engine(tiles["backbone"], EngineConfig())
+    engine = Engine(tiles["backbone"], Settings())
     return engine, replay(engine, tiles["normal_a"])
 
 
@@ -107,7 +107,7 @@ def test_one_product_never_changes_over(one_product):
 
 
 def test_changeover_to_another_product_is_detected_and_quiet(tiles):
-    engine = Engine(tiles["backbone"], EngineConfig())
+    engine = Engine(tiles["backbone"], Settings())
     before = replay(engine, tiles["normal_a"][:60])
     assert not any(d.changeover for d in before)  # one product: no changeover
     after = replay(engine, tiles["normal_b"], start=60)
@@ -118,21 +118,21 @@ def test_changeover_to_another_product_is_detected_and_quiet(tiles):
 
 
 def test_reset_then_restart_does_not_bring_the_old_product_back(tiles, tmp_path):
-    config = EngineConfig()
-    engine = Engine(tiles["backbone"], config)
+    settings = Settings()
+    engine = Engine(tiles["backbone"], settings)
     engine.load_state(tmp_path)
     replay(engine, tiles["normal_a"][:30])
     engine.save_state(tmp_path)
     assert any((tmp_path / state_dir_name("line-1")).glob("manifest-*.json"))
     engine.reset("line-1")
     assert not (tmp_path / state_dir_name("line-1")).exists()  # deleted at once, not at next save
-    restarted = Engine(tiles["backbone"], config)
+    restarted = Engine(tiles["backbone"], settings)
     assert restarted.load_state(tmp_path) == []
 
 
 def test_camera_clock_two_hours_behind_still_gets_memory_scores(tiles):
     clock = Clock()
-    engine = Engine(tiles["backbone"], EngineConfig(), clock=clock)
+    engine = Engine(tiles["backbone"], Settings(), clock=clock)
     decisions = replay(engine, tiles["normal_a"][:40], ts_offset=-7200.0, clock=clock)
     assert all(d.memory_score is not None for d in decisions[16:])
     assert engine.lines["line-1"].memory_frames() >= 16
@@ -141,7 +141,8 @@ def test_camera_clock_two_hours_behind_still_gets_memory_scores(tiles):
 def test_memory_joining_does_not_shift_the_score_level(tiles, one_product):
     """The memory joins during warm-up; scores after it joins sit on the window-only scale."""
     _, combined_run = one_product
-    window_run = replay(Engine(tiles["backbone"], EngineConfig(score_mode="window")), tiles["normal_a"][:60])
+    window_only = settings_with(engine={"score_mode": "window"})
+    window_run = replay(Engine(tiles["backbone"], window_only), tiles["normal_a"][:60])
     combined = np.array([d.score for d in combined_run[:60]])
     window = np.array([d.score for d in window_run])
     join = next(i for i, d in enumerate(combined_run) if d.memory_score is not None)

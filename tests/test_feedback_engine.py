@@ -8,7 +8,8 @@ from skimage import data
 from musc_stream.model.backbone import BackboneSpec, load_backbone
 from musc_stream.service.frames import is_valid_id
 from musc_stream.service.ui.board import VERDICTS as PAGE_VERDICTS
-from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.service.config import settings_with
+from musc_stream.stream.engine import Engine
 from musc_stream.stream.feedback import (ALREADY_NORMAL, APPLIED, RECORDED, UNKNOWN_FRAME, FeedbackError, RecentFrames,
                                          parse_payload)
 from musc_stream.stream.feedback import VERDICTS
@@ -26,9 +27,9 @@ def backbone():
 @pytest.fixture()
 def alerted(backbone):
     """A line past warm-up with a painted defect alerted at frame 14 (mad, k = 3)."""
-    config = EngineConfig(window_size=6, min_references=5, threshold_min_history=5, threshold_method="mad",
-                          threshold_k_mad=3.0, memory_patches_per_frame=PATCHES)
-    engine = Engine(backbone, config, clock=lambda: 1_000.0)
+    settings = settings_with(engine={"window_size": 6, "min_references": 5}, memory={"patches_per_frame": PATCHES},
+                             threshold={"min_history": 5, "method": "mad", "k_mad": 3.0})
+    engine = Engine(backbone, settings, clock=lambda: 1_000.0)
     decisions = run(engine, frames_for("a", crops(data.brick(), 16, seed=2, defects={14})))
     alert = next(d for d in decisions if d.frame_id == "14")
     assert alert.is_anomaly and not alert.warmup
@@ -99,9 +100,9 @@ def test_unknown_frames_reset_lines_and_unknown_lines_are_unknown_frame(alerted)
 
 def test_warmup_outlier_gets_memory_but_never_threshold_history(backbone):
     """Warm-up scores are another regime: a verdict on a warm-up frame feeds only the memory."""
-    config = EngineConfig(window_size=8, min_references=5, threshold_min_history=5,
-                          memory_patches_per_frame=PATCHES)
-    engine = Engine(backbone, config)
+    settings = settings_with(engine={"window_size": 8, "min_references": 5}, memory={"patches_per_frame": PATCHES},
+                             threshold={"min_history": 5})
+    engine = Engine(backbone, settings)
     decisions = run(engine, frames_for("w", crops(data.brick(), 8, seed=3, defects={6})))
     state = engine.lines["w"]
     kept = [d.frame_id for d in decisions if state.recent.peek(d.frame_id) is not None]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.service.config import settings_with
+from musc_stream.stream.engine import Engine
 from musc_stream.model.backbone import BackboneSpec, load_backbone
 from musc_stream.stream.records import Frame
 from musc_stream.service.sinks.prometheus import Metrics
@@ -33,7 +34,7 @@ def test_cuda_timer_without_a_gpu_falls_back_to_the_host_clock():
 
 def test_engine_stage_times_are_per_frame_of_the_batch():
     backbone = load_backbone(BackboneSpec(name="random-vit-tiny", pretrained=None, image_size=112))
-    engine = Engine(backbone, EngineConfig(window_size=4, min_references=2))
+    engine = Engine(backbone, settings_with(engine={"window_size": 4, "min_references": 2}))
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8) for _ in range(6)]
     frames = [Frame(line=f"l{i % 2}", frame_id=str(i), ts=float(i), image=img, received_at=time.time())

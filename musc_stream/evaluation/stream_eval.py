@@ -18,7 +18,7 @@ import hashlib
 import logging
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -29,7 +29,8 @@ from musc_stream.evaluation.datasets import Sample, camera_setup, discover, load
 from musc_stream.evaluation.quality_metrics import image_metrics, pixel_metrics
 from musc_stream.model.backbone import Backbone, Features
 from musc_stream.model.musc import MuscSettings, musc_from_tokens
-from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.service.config import Settings, settings_with
+from musc_stream.stream.engine import Engine
 from musc_stream.stream.records import Frame
 
 logger = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ def changeover_metrics(changeover: np.ndarray, alerts: np.ndarray, change_at: in
 def run_stream_eval(
     root: Path,
     backbone: Backbone,
-    config: EngineConfig = EngineConfig(),
+    settings: Settings | None = None,
     n_frames: int = 200,
     anomaly_rate: float = 0.1,
     seed: int = 42,
@@ -297,8 +298,10 @@ def run_stream_eval(
     progress: Progress = _no_progress,
 ) -> dict:
     """Per line and overall: operator metrics per scoring mode, batch MuSc on the same frames, pixel
-    metrics of the stream, and an unannounced changeover to the next line's set-up."""
-    lines = build_lines(root, n_frames, anomaly_rate, seed, head=config.window_size, setups=setups,
+    metrics of the stream, and an unannounced changeover to the next line's set-up. settings: the
+    engine's (default: the defaults); each mode replaces its engine.score_mode."""
+    settings = Settings() if settings is None else settings
+    lines = build_lines(root, n_frames, anomaly_rate, seed, head=settings.engine.window_size, setups=setups,
                         categories=categories)
     if not lines:
         raise ValueError(f"no line could be built from {root} with {n_frames} frames at rate {anomaly_rate}")
@@ -328,7 +331,7 @@ def run_stream_eval(
                               "no_rscin": image_metrics(labels, batch.raw_scores.numpy())["auroc"]}
         for mode in modes:
             progress(f"stream {mode} {line.name}", li, len(lines))
-            engine = Engine(cached, replace(config, score_mode=mode, keep_maps=pixel))
+            engine = Engine(cached, settings_with(settings, engine={"score_mode": mode}), keep_maps=pixel)
             started = time.perf_counter()
             result = replay_stream(engine, images, line=line.name, keep_maps=pixel)
             scoring_s = (time.perf_counter() - started) / len(images)
@@ -344,11 +347,11 @@ def run_stream_eval(
             entry["modes"][mode] = metrics
         if changeover and len(lines) > 1:
             other = lines[(li + 1) % len(lines)]
-            entry["changeover"] = _changeover(backbone, config, line, other, embedded)
+            entry["changeover"] = _changeover(backbone, settings, line, other, embedded)
         rows.append(entry)
     return {"root": str(root), "n_frames": n_frames, "anomaly_rate": anomaly_rate, "seed": seed,
             "backbone": backbone.spec.name, "weights": backbone.weights_label, "image_size": side,
-            "config": _config_summary(config), "lines": rows, "overall": _overall(rows, modes)}
+            "config": _config_summary(settings), "lines": rows, "overall": _overall(rows, modes)}
 
 
 def _pixel(line: StreamLine, maps: list[np.ndarray]) -> dict[str, float]:
@@ -360,7 +363,7 @@ def _pixel(line: StreamLine, maps: list[np.ndarray]) -> dict[str, float]:
     return {f"pixel_{k}": v for k, v in pixel_metrics(masks, up).items()}
 
 
-def _changeover(backbone, config, line: StreamLine, other: StreamLine, embedded) -> dict:
+def _changeover(backbone, settings, line: StreamLine, other: StreamLine, embedded) -> dict:
     """Line ``line`` runs its normals, then ``other``'s normals arrive unannounced."""
     images_a, feats_a, _ = embedded[line.name]
     images_b, feats_b, _ = embedded[other.name]
@@ -372,7 +375,7 @@ def _changeover(backbone, config, line: StreamLine, other: StreamLine, embedded)
         image_features=torch.cat([feats_a.image_features[keep_a], feats_b.image_features[keep_b]]),
         grid=feats_a.grid,
     )
-    engine = Engine(PrecomputedBackbone(backbone, images, features), config)
+    engine = Engine(PrecomputedBackbone(backbone, images, features), settings)
     result = replay_stream(engine, images, line="changeover")
     out = changeover_metrics(result.changeover, result.alerts, len(keep_a))
     out["to"] = other.name
@@ -413,11 +416,15 @@ def _count(rate: float | None, total: int) -> int:
     return 0 if rate is None or not np.isfinite(rate) else round(rate * total)
 
 
-def _config_summary(config: EngineConfig) -> dict:
-    keys = ("window_size", "min_references", "r_list", "score_mode", "aligned", "drift_threshold",
-            "drift_patience", "memory_enabled", "memory_r_list", "memory_max_patches", "image_score",
-            "target_false_alarms_per_1000", "threshold_method")
-    return {k: getattr(config, k) for k in keys if hasattr(config, k)}
+def _config_summary(settings: Settings) -> dict:
+    """The engine settings a report's numbers depend on (names as in earlier reports)."""
+    e, m = settings.engine, settings.memory
+    return {"window_size": e.window_size, "min_references": e.min_references, "r_list": settings.model.r_list,
+            "score_mode": e.score_mode, "aligned": e.aligned, "drift_threshold": e.drift_threshold,
+            "drift_patience": e.drift_patience, "memory_enabled": m.enabled, "memory_r_list": m.r_list,
+            "memory_max_patches": m.max_patches_per_line, "image_score": e.image_score,
+            "target_false_alarms_per_1000": settings.threshold.target_false_alarms_per_1000,
+            "threshold_method": settings.threshold.method}
 
 
 def stream_report_markdown(result: dict) -> str:

@@ -262,7 +262,6 @@ class EngineSettings(_Section):
     window_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="How a line's rolling window stores its feature sets: float16/bfloat16 halve its "
         "bytes (1.0 GiB -> 0.5 GiB per line at ViT-L@518); score change in benchmarks/results/batched.md.")
-    heatmap_sigma: float = Field(0.0, ge=0, description="Gaussian smoothing of heatmaps, pixels (0: none).")
     max_age_s: float = Field(30.0, ge=0, description="A frame that waited longer than this in the service "
                              "before scoring is dropped and audited as stale, seconds (0: never).")
     max_scoring_failures: int = Field(5, ge=1, description="Batches in a row that fail to score before the "
@@ -274,6 +273,11 @@ class EngineSettings(_Section):
     idle_evict_s: float = Field(3600.0, ge=0, description="A line without frames this long (service clock) is "
                                 "snapshotted and dropped from RAM (memory, window, GPU mirror); its next frame "
                                 "loads it back and warms its window up again, seconds (0: never).")
+    feedback_frames: int = Field(64, ge=1, description="Recent frames per line the model did not learn from "
+                                 "(alerts, warm-up outliers, drift suspects) whose feature sets an operator's "
+                                 "'not a defect' can still teach it (README \"Feedback\").")
+    feedback_max_bytes: int = Field(48 * 2**20, ge=0, description="Bytes those feature sets may take per line "
+                                    "(float16, about 0.8 MB a frame at 224 px with ViT-S), bytes.")
 
     @model_validator(mode="after")
     def _check_rules(self) -> EngineSettings:
@@ -314,8 +318,10 @@ class MemorySettings(_Section):
         return self
 
     def memory_options(self) -> dict[str, object]:
-        """PatchMemory's keyword options from these settings."""
-        return {"dtype": self.dtype, "backend": self.search, "index": self.index,
+        """PatchMemory's keyword arguments from these settings (use_gpu "auto" is None: follow the model)."""
+        return {"max_patches": self.max_patches_per_line, "patches_per_frame": self.patches_per_frame,
+                "max_age_s": self.max_age_s, "use_gpu": None if self.use_gpu == "auto" else bool(self.use_gpu),
+                "dtype": self.dtype, "backend": self.search, "index": self.index,
                 "ivf_nlist": self.ivf_nlist, "ivf_nprobe": self.ivf_nprobe}
 
 
@@ -494,6 +500,9 @@ class Settings(BaseSettings):
         if self.engine.score_mode != "window" and not self.memory.enabled:
             raise ValueError(f"engine.score_mode = {self.engine.score_mode!r} needs memory.enabled; "
                              "set engine.score_mode = 'window' to score without memory")
+        if not set(self.memory.r_list) <= set(self.model.r_list):
+            raise ValueError(f"memory.r_list {list(self.memory.r_list)} must be a subset of model.r_list "
+                             f"{list(self.model.r_list)}: the memory keeps some of the model's LNAMD sets")
         bad = [line for line in self.threshold.overrides if not re.fullmatch(self.frames.line_id_pattern, line)]
         if bad:
             raise ValueError(f"threshold.overrides has line ids that frames.line_id_pattern rejects: {bad!r}")
@@ -502,6 +511,29 @@ class Settings(BaseSettings):
     def masked_dict(self) -> dict[str, Any]:
         """Plain data (str, numbers, lists, dicts, None) with every set secret replaced by "***"."""
         return _plain(self.model_dump(mode="python"))
+
+
+def settings_with(base: Settings | None = None, **areas: Mapping[str, Any]) -> Settings:
+    """``base`` (default: the defaults) with some fields of some areas changed, validated again as a
+    whole, e.g. settings_with(engine={"window_size": 6}, threshold={"method": "mad"}). For tests,
+    benchmarks and evaluation: like Settings(...) it reads no environment and no file.
+
+    Fields not named keep base's value; a derived default (mqtt.client_id) follows the new values."""
+    base = Settings() if base is None else base
+    unknown = sorted(set(areas) - set(Settings.model_fields))
+    if unknown:
+        raise ValueError(f"unknown settings areas {unknown}; areas are {sorted(Settings.model_fields)}")
+    kept = {name: getattr(base, name) for name in Settings.model_fields if name not in areas}
+    changed = {name: {**_given(getattr(base, name)), **dict(values)} for name, values in areas.items()}
+    return Settings(**kept, **changed)
+
+
+def _given(section: BaseModel) -> dict[str, Any]:
+    """The fields a section was built with, less derived defaults (so they follow new values)."""
+    data = section.model_dump(exclude_unset=True)
+    if isinstance(section, MqttSettings) and data.get("client_id") == _default_client_id(section.instance):
+        del data["client_id"]
+    return data
 
 
 class _MappingEnvSource(EnvSettingsSource):

@@ -45,7 +45,7 @@ from musc_stream.service.sinks.prometheus import Metrics, start_http_server
 from musc_stream.service.spool import FrameSpool
 from musc_stream.service.ui import Board, LinePage, LinePageBindError
 from musc_stream.state.writer import SnapshotWriter
-from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.stream.engine import Engine
 from musc_stream.stream.feedback import (DEFECT, ERROR, RECORDED, APPLIED, ALREADY_NORMAL, UNKNOWN_FRAME, FeedbackCommand,
                                          FeedbackError, FeedbackResult, feedback_filter, normalise_verdict)
 from musc_stream.stream.records import Decision, Frame, FrameFailure
@@ -188,7 +188,7 @@ class Service:
             self._start_line_page()
         backbone = self._backbone or backbone_from_settings(s)
         self._warm_up(backbone)
-        self.engine = Engine(backbone, EngineConfig.from_settings(s))
+        self.engine = Engine(backbone, s)
         for line in self.engine.load_state(Path(s.state.dir)):
             state = self.engine.lines[line]
             self.metrics.set_memory_patches(line, state.memory_size)

@@ -46,9 +46,9 @@ import shutil
 import time
 import hashlib
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -73,92 +73,28 @@ from musc_stream.stream.records import Decision, Frame
 from musc_stream.stream.regions import find_regions
 from musc_stream.stream.threshold import AdaptiveThreshold
 
+if TYPE_CHECKING:  # the type only: the engine never loads settings (dependencies point down)
+    from musc_stream.service.config import Settings
+
 logger = logging.getLogger(__name__)
 
-ScoreMode = Literal["window", "memory", "combined"]
-Fusion = Literal["mean", "max"]
-ImageScore = Literal["max", "topk", "smooth"]
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
 _WARMUP_OUTLIER_K = 3.0
-_WINDOW_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _LEVEL_HISTORY = 32  # frames whose median patch score set a line's usual level (drift detection)  # warm-up frames above median + 3 robust σ of the warm-up stay out of memory
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """Everything the engine needs, decoupled from how settings are read."""
+def distance_dtype(name: str) -> torch.dtype | None:
+    """model.distance_dtype for the MSM distances; float32 is None: the features' own dtype."""
+    return None if name == "float32" else _DTYPES[name]
 
-    window_size: int = 16
-    min_references: int = 5
-    r_list: tuple[int, ...] = (1, 3, 5)
-    topmin_max: float = 0.3
-    score_mode: ScoreMode = "combined"
-    fusion: Fusion = "max"
-    memory_weight: float = 0.9  # fusion "max": the memory map (on the window's scale) is weighted by this
-    image_score: ImageScore = "max"
-    aligned: bool = False
-    aligned_radius: int = 1
-    drift_threshold: float | None = 0.25  # 1 − best cosine to the window; None disables detection
-    drift_ratio: float | None = 1.5  # median patch score over the line's usual; None disables it
-    drift_patience: int = 3
-    memory_enabled: bool = True
-    memory_r_list: tuple[int, ...] = (3,)  # LNAMD degrees whose sets enter the memory (cost ∝ sets)
-    memory_max_patches: int = 20_000
-    memory_patches_per_frame: int = 256
-    memory_max_age_s: float | None = 3600.0
-    memory_k: int = 1
-    memory_use_gpu: bool | None = None
-    memory_options: dict = field(default_factory=dict)  # PatchMemory's dtype, backend, index, ivf_* (config.py)
-    feedback_frames: int = 64  # unlearnt recent frames per line an operator's verdict can still reach
-    feedback_max_bytes: int = 48 * 2**20  # bytes of their feature sets per line (float16)
-    target_false_alarms_per_1000: float = 5.0
-    threshold_method: str = "gumbel"
-    threshold_min_history: int = 10
-    threshold_history: int = 1000
-    threshold_k_mad: float | None = None
-    threshold_default: float | None = None
-    threshold_overrides: dict[str, float] = field(default_factory=dict)
-    distance_dtype: torch.dtype | None = None
-    keep_maps: bool = False  # put every frame's patch map on its decision (evaluation)
-    snapshot_bytes_per_day: int = 1024 ** 3  # per line (state/plan.py); the memory part waits for it
-    idle_evict_s: float = 0.0  # a line without frames this long is snapshotted and dropped from RAM; 0: never
-    window_dtype: str = "float32"  # "float16"/"bfloat16": the window at half the bytes (README, batched.md)
 
-    def __post_init__(self) -> None:
-        if not set(self.memory_r_list) <= set(self.r_list):
-            raise ValueError(f"memory r_list {self.memory_r_list} must be a subset of r_list {self.r_list}")
-        if self.min_references > self.window_size:
-            raise ValueError("min_references must not exceed window_size")
-        if self.window_dtype not in _WINDOW_DTYPES:
-            raise ValueError(f"window_dtype must be one of {sorted(_WINDOW_DTYPES)}, got {self.window_dtype!r}")
-        if self.drift_patience < 1:
-            raise ValueError(f"drift_patience must be >= 1, got {self.drift_patience}")
-
-    @classmethod
-    def from_settings(cls, settings) -> "EngineConfig":
-        """Build from the service's ``Settings`` (config.py)."""
-        e, m, t, mo = settings.engine, settings.memory, settings.threshold, settings.model
-        use_gpu = None if str(m.use_gpu) == "auto" else bool(m.use_gpu)
-        dtypes = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
-        return cls(
-            window_size=e.window_size, min_references=e.min_references,
-            r_list=tuple(mo.r_list), topmin_max=mo.topmin_max, score_mode=e.score_mode,
-            fusion=getattr(e, "fusion", "max"), memory_weight=getattr(e, "memory_weight", 0.9), image_score=getattr(e, "image_score", "max"),
-            aligned=e.aligned, aligned_radius=e.aligned_radius, drift_threshold=e.drift_threshold,
-            drift_patience=getattr(e, "drift_patience", 3), drift_ratio=getattr(e, "drift_ratio", 1.5),
-            memory_enabled=m.enabled, memory_r_list=tuple(m.r_list), memory_max_patches=m.max_patches_per_line,
-            memory_patches_per_frame=m.patches_per_frame, memory_max_age_s=m.max_age_s,
-            memory_k=m.k, memory_use_gpu=use_gpu, memory_options=m.memory_options(),
-            target_false_alarms_per_1000=getattr(t, "target_false_alarms_per_1000", 5.0),
-            threshold_method=getattr(t, "method", "gumbel"),
-            threshold_min_history=getattr(t, "min_history", getattr(t, "warmup_frames", 10)),
-            threshold_history=t.history, threshold_k_mad=getattr(t, "k_mad", None),
-            threshold_default=t.default_threshold, threshold_overrides=dict(t.overrides),
-            distance_dtype=dtypes[str(mo.distance_dtype)],
-            snapshot_bytes_per_day=getattr(settings.state, "max_snapshot_bytes_per_day", 1024 ** 3),
-            idle_evict_s=getattr(e, "idle_evict_s", 0.0),
-            window_dtype=str(getattr(e, "window_dtype", "float32")),
-        )
+def line_threshold(settings: Settings, line: str) -> AdaptiveThreshold:
+    """A line's threshold as the threshold settings say (its fixed override, if it has one)."""
+    t = settings.threshold
+    return AdaptiveThreshold(target_false_alarms_per_1000=t.target_false_alarms_per_1000, method=t.method,
+                             min_history=t.min_history, history=t.history, default=t.default_threshold,
+                             override=t.overrides.get(line), k_mad=t.k_mad)
 
 
 class _Sets(dict):
@@ -230,25 +166,20 @@ class _Window:
 class LineState:
     """Window, memory, threshold, warm-up queue and drift run of one production line."""
 
-    def __init__(self, line: str, config: EngineConfig, memory_metadata: dict[str, str | int]):
+    def __init__(self, line: str, settings: Settings, memory_metadata: dict[str, str | int]):
         self.line = line
-        self.config = config
-        self.window = _Window(config.window_size, _WINDOW_DTYPES[config.window_dtype])
+        self.settings = settings
+        self.window = _Window(settings.engine.window_size, _DTYPES[settings.engine.window_dtype])
         self.pending: list[_Embedded] = []  # held until min_references frames exist
         self.memory: PatchMemory | None = None
         self._memory_metadata = memory_metadata
-        self.threshold = AdaptiveThreshold(
-            target_false_alarms_per_1000=config.target_false_alarms_per_1000,
-            method=config.threshold_method, min_history=config.threshold_min_history,
-            history=config.threshold_history, default=config.threshold_default,
-            override=config.threshold_overrides.get(line), k_mad=config.threshold_k_mad,
-        )
+        self.threshold = line_threshold(settings, line)
         self.warmup_scores: list[float] = []  # window scores of this regime's warm-up frames
         self.suspects: list[_Embedded] = []  # the current drift run, kept out of the window
         self.levels: deque[float] = deque(maxlen=_LEVEL_HISTORY)  # median patch score of recent frames
         self.changeover_pending = False
         self.changeovers = 0
-        self.recent = RecentFrames(config.feedback_frames, config.feedback_max_bytes)  # feedback.py
+        self.recent = RecentFrames(settings.engine.feedback_frames, settings.engine.feedback_max_bytes)
 
     @property
     def drift_run(self) -> int:
@@ -262,12 +193,8 @@ class LineState:
     def ensure_memory(self, sets: dict[str, np.ndarray]) -> PatchMemory:
         if self.memory is None:
             dims = {k: int(v.shape[-1]) for k, v in sets.items()}
-            self.memory = PatchMemory(
-                dims, max_patches=self.config.memory_max_patches,
-                patches_per_frame=self.config.memory_patches_per_frame,
-                max_age_s=self.config.memory_max_age_s, use_gpu=self.config.memory_use_gpu,
-                metadata=self._memory_metadata, **self.config.memory_options,
-            )
+            options = self.settings.memory.memory_options()
+            self.memory = PatchMemory(dims, metadata=self._memory_metadata, **options)
         return self.memory
 
     @property
@@ -276,10 +203,10 @@ class LineState:
 
     def memory_frames(self) -> float:
         """Frames' worth of patches in the memory."""
-        return self.memory_size / max(1, self.config.memory_patches_per_frame)
+        return self.memory_size / max(1, self.settings.memory.patches_per_frame)
 
     def reset(self) -> None:
-        self.window = _Window(self.config.window_size, _WINDOW_DTYPES[self.config.window_dtype])
+        self.window = _Window(self.settings.engine.window_size, _DTYPES[self.settings.engine.window_dtype])
         self.pending.clear()
         self.suspects.clear()
         self.levels.clear()
@@ -296,10 +223,15 @@ class Engine:
     """Scores micro-batches of frames from any lines; owns every line's state. Not thread-safe:
     one thread (the GPU thread) calls it."""
 
-    def __init__(self, backbone: Backbone, config: EngineConfig = EngineConfig(), clock=time.time):
+    def __init__(self, backbone: Backbone, settings: Settings, clock=time.time, *, keep_maps: bool = False):
+        """settings: the service's Settings (service/config.py; tests build one with settings_with);
+        the engine reads its engine, memory, threshold, model and state areas. keep_maps: put every
+        frame's patch map on its decision (evaluation)."""
         self.backbone = backbone
-        self.config = config
+        self.settings = settings
+        self.keep_maps = keep_maps
         self.clock = clock
+        self._distance_dtype = distance_dtype(settings.model.distance_dtype)
         self.lines: dict[str, LineState] = {}
         self.state_dir: Path | None = None  # where load_state read from; reset deletes a line there
         self.store = SnapshotStore()  # persistence: state/store.py (I/O), state/plan.py (what to write)
@@ -315,13 +247,13 @@ class Engine:
         self._memory_metadata = {
             "backbone": backbone.spec.name, "weights": backbone.weights_label,
             "image_size": backbone.image_size, "layers": ",".join(map(str, backbone.layers)),
-            "r_list": ",".join(map(str, config.memory_r_list)),
+            "r_list": ",".join(map(str, settings.memory.r_list)),
         }
 
     # -- state -----------------------------------------------------------------------------
     def line(self, line: str) -> LineState:
         if line not in self.lines:  # an evicted line comes back from its snapshot
-            self.lines[line] = self._revive(line) or LineState(line, self.config, self._memory_metadata)
+            self.lines[line] = self._revive(line) or LineState(line, self.settings, self._memory_metadata)
         self._last_seen[line] = self.clock()
         return self.lines[line]
 
@@ -349,7 +281,7 @@ class Engine:
             features = self.backbone.embed([f.image for f in frames], batch_size=len(frames))
             sets_per_r = {
                 f"l{li}_r{r}": lnamd(tokens, r)  # (N, L, C)
-                for r in self.config.r_list
+                for r in self.settings.model.r_list
                 for li, tokens in enumerate(features.patch_tokens)
             }
             # on the host (one copy per batch): drift checks compare them frame by frame
@@ -399,9 +331,9 @@ class Engine:
         for i in step:
             item = items[i]
             state = self.line(item.frame.line)
-            if len(state.window) < self.config.min_references:
+            if len(state.window) < self.settings.engine.min_references:
                 state.pending.append(item)
-                if len(state.window) + len(state.pending) >= self.config.min_references:
+                if len(state.window) + len(state.pending) >= self.settings.engine.min_references:
                     out[i] = self._score_pending(state)  # else: keep holding until enough frames
                 continue
             found, path = plan.window_map(i, state.window)
@@ -421,9 +353,10 @@ class Engine:
         if any(r[4] is not None for r in ready):
             memory = torch.stack([r[3] if r[4] is None else r[4] for r in ready])
             has_memory = torch.tensor([r[4] is not None for r in ready], device=window.device)
-        patch_maps = stream_scorer.combine(window, memory, has_memory, mode=self.config.score_mode,
-                                           fusion=self.config.fusion, memory_weight=self.config.memory_weight)
-        scores = stream_scorer.image_scores(patch_maps, self.backbone.image_size, self.config.image_score)
+        e = self.settings.engine
+        patch_maps = stream_scorer.combine(window, memory, has_memory, mode=e.score_mode, fusion=e.fusion,
+                                           memory_weight=e.memory_weight)
+        scores = stream_scorer.image_scores(patch_maps, self.backbone.image_size, e.image_score)
         columns = [scores, window.amax(dim=-1).double()]
         if memory is not None:
             columns.append(memory.amax(dim=-1).double())
@@ -442,7 +375,7 @@ class Engine:
         decision.drift_suspected = drifting
         if drifting:
             state.suspects.append(item)
-            if state.drift_run >= self.config.drift_patience:
+            if state.drift_run >= self.settings.engine.drift_patience:
                 self._changeover(state)
                 decision.changeover = True
             else:
@@ -468,10 +401,10 @@ class Engine:
             stack = torch.stack([h.sets[key] for h in held])  # (P, L, C)
             if w:
                 stack = torch.cat([state.window.references(key).float(), stack])  # (W+P, L, C)
-            maps.append(mutual_scores(stack, self.config.topmin_max,
-                                      distance_dtype=self.config.distance_dtype)[w:])  # (P, L)
+            maps.append(mutual_scores(stack, self.settings.model.topmin_max,
+                                      distance_dtype=self._distance_dtype)[w:])  # (P, L)
         patch_maps = torch.stack(maps).mean(0)  # (P, L)
-        scores = stream_scorer.image_scores(patch_maps, self.backbone.image_size, self.config.image_score)
+        scores = stream_scorer.image_scores(patch_maps, self.backbone.image_size, self.settings.engine.image_score)
         host = torch.stack([scores, patch_maps.amax(dim=-1).double(),
                             patch_maps.median(dim=-1).values.double()], dim=1).cpu().tolist()
         decisions = []
@@ -489,22 +422,22 @@ class Engine:
         return decisions
 
     def _memory_scores(self) -> bool:
-        return self.config.memory_enabled and self.config.score_mode != "window"
+        return self.settings.memory.enabled and self.settings.engine.score_mode != "window"
 
     def _window_map(self, state: LineState, sets: dict[str, torch.Tensor]) -> torch.Tensor:
         """One frame's window map against the line's window as it is (the serial path)."""
         per_set = []
         for key, feats in sets.items():
             refs = state.window.references(key).float()  # (W, L, C); a reduced-precision window is upcast
-            if self.config.aligned:
-                dist = aligned_nearest_distances(feats[None], refs, self.config.aligned_radius)
+            if self.settings.engine.aligned:
+                dist = aligned_nearest_distances(feats[None], refs, self.settings.engine.aligned_radius)
             else:
-                dist = nearest_distances(feats[None], refs, distance_dtype=self.config.distance_dtype)
-            per_set.append(interval_average(dist[0], self.config.topmin_max))  # (L,)
+                dist = nearest_distances(feats[None], refs, distance_dtype=self._distance_dtype)
+            per_set.append(interval_average(dist[0], self.settings.model.topmin_max))  # (L,)
         return torch.stack(per_set).mean(0)
 
     def _memory_keys(self, sets: dict[str, torch.Tensor]) -> tuple[str, ...]:
-        keep = tuple(f"_r{r}" for r in self.config.memory_r_list)
+        keep = tuple(f"_r{r}" for r in self.settings.memory.r_list)
         return tuple(k for k in sets if k.endswith(keep))
 
     def _memory_sets(self, sets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -519,27 +452,28 @@ class Engine:
 
     def _memory_map(self, state: LineState, item: _Embedded) -> torch.Tensor | None:
         """Nearest-patch distance to the line's memory once it holds min_references frames."""
-        if state.memory_frames() < self.config.min_references:
+        if state.memory_frames() < self.settings.engine.min_references:
             return None
         state.memory.expire(self.clock(), keep_newest=self._memory_floor())
-        radius = self.config.aligned_radius if self.config.aligned else None  # aligned applies here too
-        score = state.memory.score_map(self._memory_sets(item.sets), k=self.config.memory_k, aligned_radius=radius)
+        e = self.settings.engine
+        radius = e.aligned_radius if e.aligned else None  # aligned applies here too
+        score = state.memory.score_map(self._memory_sets(item.sets), k=self.settings.memory.k, aligned_radius=radius)
         return score.to(next(iter(item.sets.values())).device)
 
     def _memory_floor(self) -> int:
         """Patches age-out never removes: a window's worth, so the memory never leaves the score."""
-        return self.config.window_size * self.config.memory_patches_per_frame
+        return self.settings.engine.window_size * self.settings.memory.patches_per_frame
 
     def _drifts(self, state: LineState, item: _Embedded, level: float) -> bool:
         """Is this frame unlike the (frozen) window as a whole? Either its median patch is far from
         the window (``drift_ratio`` × the line's usual median patch score: a defect moves a few
         patches, a new product moves them all), or its image feature is far from every window
         frame (cosine distance above ``drift_threshold``)."""
-        ratio = self.config.drift_ratio
-        if ratio is not None and len(state.levels) >= self.config.min_references:
+        ratio = self.settings.engine.drift_ratio
+        if ratio is not None and len(state.levels) >= self.settings.engine.min_references:
             if level > ratio * float(np.median(state.levels)):
                 return True
-        limit = self.config.drift_threshold
+        limit = self.settings.engine.drift_threshold
         return limit is not None and 1.0 - state.window.best_similarity(item.image_feature) > limit
 
     def _changeover(self, state: LineState) -> None:
@@ -575,8 +509,8 @@ class Engine:
                        "backbone": item.backbone_s, "scoring": 0.0},  # scoring: set by score()
             model=f"{self.backbone.spec.name}@{self.backbone.image_size}",
             weights=self.backbone.weights_label, ack=frame.ack,
-            target_false_alarms_per_1000=self.config.target_false_alarms_per_1000,
-            patch_map=grid[0].float().cpu().numpy() if self.config.keep_maps else None,
+            target_false_alarms_per_1000=self.settings.threshold.target_false_alarms_per_1000,
+            patch_map=grid[0].float().cpu().numpy() if self.keep_maps else None,
         )
 
     def _remember(self, state: LineState, item: _Embedded, decision: Decision, *, window_score: float,
@@ -646,7 +580,7 @@ class Engine:
         """Width of every feature set, from one forward pass of a blank image."""
         blank = np.zeros((self.backbone.image_size, self.backbone.image_size, 3), np.uint8)
         tokens = self.backbone.embed([blank], batch_size=1).patch_tokens
-        return {f"l{li}_r{r}": int(t.shape[-1]) for r in self.config.memory_r_list for li, t in enumerate(tokens)}
+        return {f"l{li}_r{r}": int(t.shape[-1]) for r in self.settings.memory.r_list for li, t in enumerate(tokens)}
 
     # -- persistence -----------------------------------------------------------------------
     # What is written and when: state/plan.py; the files: state/store.py; the thread: state/writer.py.
@@ -698,18 +632,18 @@ class Engine:
         plan = self._plans.get(name)
         if plan is None:
             plan = self._plans[name] = LinePlan(name, self.state_dir / state_dir_name(name), self._budget(now))
-        memory = state.memory if self.config.memory_enabled else None
+        memory = state.memory if self.settings.memory.enabled else None
         return plan.plan(threshold_text(name, state.threshold.state_dict()), memory, now, force)
 
     def _budget(self, now: float) -> SnapshotBudget:
-        return SnapshotBudget(self.config.snapshot_bytes_per_day, capacity=1 << 20, now=now)
+        return SnapshotBudget(self.settings.state.max_snapshot_bytes_per_day, capacity=1 << 20, now=now)
 
     def evict_idle(self) -> list[str]:
         """Lines without a frame for ``idle_evict_s`` (engine clock) are snapshotted (in full, in the
         background when a writer is attached) and dropped from RAM, GPU mirror and window included;
         the next frame of such a line loads it back (``line()``). Lines holding warm-up frames stay.
         Needs a state folder (load_state or save_state called before). Returns the lines evicted."""
-        idle_s = self.config.idle_evict_s
+        idle_s = self.settings.engine.idle_evict_s
         if not idle_s or self.state_dir is None:
             return []
         now = self.clock()
@@ -787,22 +721,14 @@ class Engine:
         name = saved["line"]
         if not isinstance(name, str) or not name:
             raise ValueError(f"bad line name {name!r}")
-        threshold = AdaptiveThreshold(
-            target_false_alarms_per_1000=self.config.target_false_alarms_per_1000,
-            method=self.config.threshold_method, min_history=self.config.threshold_min_history,
-            history=self.config.threshold_history, default=self.config.threshold_default,
-            override=self.config.threshold_overrides.get(name), k_mad=self.config.threshold_k_mad,
-        )
+        threshold = line_threshold(self.settings, name)
         try:
-            threshold.load_state_dict(saved["threshold"])  # settings from config, history from disk
+            threshold.load_state_dict(saved["threshold"])  # options from the settings, history from disk
         except ValueError as exc:  # another version: keep the memory, re-learn the threshold
             logger.warning("line %s: threshold history not loaded (%s); it is learnt again", name, exc)
         memory, loaded = None, None
-        if self.config.memory_enabled:
-            settings = dict(max_patches=self.config.memory_max_patches,
-                            patches_per_frame=self.config.memory_patches_per_frame,
-                            max_age_s=self.config.memory_max_age_s, use_gpu=self.config.memory_use_gpu,
-                            **self.config.memory_options)
+        if self.settings.memory.enabled:
+            options = self.settings.memory.memory_options()
             try:
                 dims = self._feature_dims_cached()
                 loaded = self.store.load(line_dir, dims, self._memory_metadata)
@@ -813,10 +739,10 @@ class Engine:
                                        name, "; ".join(loaded.damaged), loaded.generation)
                     memory = PatchMemory.from_rows(loaded.rows, next_seq=loaded.next_seq,
                                                    rng_state=loaded.rng_state, dims=dims,
-                                                   metadata=self._memory_metadata, **settings)
+                                                   metadata=self._memory_metadata, **options)
                 elif (line_dir / LEGACY_MEMORY_DIR).exists():  # format 1 (PatchMemory.save): loaded once
                     memory = PatchMemory.load(line_dir / LEGACY_MEMORY_DIR, self._memory_metadata, dims=dims,
-                                              **settings)
+                                              **options)
                     logger.info("line %s: memory snapshot of the single-folder format loaded; it is rewritten "
                                 "as segments at the next snapshot", name)
                 if memory is not None:
@@ -824,7 +750,7 @@ class Engine:
             except MemoryMismatchError as exc:  # another model's memory: start fresh, say why
                 logger.warning("line %s: memory snapshot not loaded: %s", name, exc)
                 memory, loaded = None, None
-        state = LineState(name, self.config, self._memory_metadata)
+        state = LineState(name, self.settings, self._memory_metadata)
         state.threshold = threshold
         state.memory = memory
         state.changeover_pending = False
@@ -867,8 +793,8 @@ class _WindowPlan:
     None when that window holds a frame outside the pool (the engine then scores it serially)."""
 
     def __init__(self, engine: "Engine", items: list[_Embedded]):
-        config = engine.config
-        self.topmin_max = config.topmin_max
+        settings = engine.settings
+        self.topmin_max = settings.model.topmin_max
         self.rows: dict[int, tuple[int, int]] = {}  # item index → (line group, row in group)
         self.pool_index: list[dict[int, int]] = []  # per group: tag → pool column
         by_line: dict[str, list[int]] = {}
@@ -888,7 +814,7 @@ class _WindowPlan:
             pools_window.append(window if count else None)
             pools_batch.append(members)
             if state is not None and not state.pending:
-                speculated.update(_speculate(window, members, items, config.min_references, count))
+                speculated.update(_speculate(window, members, items, settings.engine.min_references, count))
         self.distances = None
         self.speculated: dict[int, list[int]] = speculated
         self.maps: dict[int, tuple[torch.Tensor, float]] = {}
@@ -900,8 +826,8 @@ class _WindowPlan:
             q = [torch.stack([items[i].sets[key] for i in m]) for m in queries]
             win = [w.references(key) if w is not None else q[0].new_zeros((0, *q[0].shape[1:]))
                    for w in pools_window]
-            kwargs = dict(distance_dtype=config.distance_dtype,
-                          aligned_radius=config.aligned_radius if config.aligned else None)
+            kwargs = dict(distance_dtype=engine._distance_dtype,
+                          aligned_radius=settings.engine.aligned_radius if settings.engine.aligned else None)
             d_window = stream_scorer.pool_distances(q, win, **kwargs)  # (G, B, L, W)
             d_batch = stream_scorer.pool_distances(q, q, causal=True, **kwargs) if len(items) > 1 else d_window[..., :0]
             per_set.append(self._join(d_window, d_batch, [len(x) for x in win], [len(x) for x in q]))

@@ -8,7 +8,8 @@ from skimage import data
 from musc_stream.model.backbone import BackboneSpec, load_backbone
 from musc_stream.state.store import SnapshotStore
 from musc_stream.state.writer import SnapshotWriter
-from musc_stream.stream.engine import Engine, EngineConfig
+from musc_stream.service.config import settings_with
+from musc_stream.stream.engine import Engine
 from musc_stream.stream.records import Frame
 
 
@@ -35,9 +36,10 @@ def _frames(line, n, seed, start=0):
 def test_an_idle_line_is_evicted_and_its_next_frame_loads_it_back(tmp_path, background, caplog):
     backbone = load_backbone(BackboneSpec(name="random-vit-tiny", pretrained=None, image_size=64))
     clock = Clock()
-    config = EngineConfig(window_size=6, min_references=5, threshold_min_history=5, memory_patches_per_frame=8,
-                          idle_evict_s=600.0, drift_threshold=None, drift_ratio=None)
-    engine = Engine(backbone, config, clock=clock)
+    settings = settings_with(engine={"window_size": 6, "min_references": 5, "idle_evict_s": 600.0,
+                                     "drift_threshold": None, "drift_ratio": None},
+                             memory={"patches_per_frame": 8}, threshold={"min_history": 5})
+    engine = Engine(backbone, settings, clock=clock)
     engine.load_state(tmp_path)
     if background:
         engine.writer = SnapshotWriter(engine.store).start()
