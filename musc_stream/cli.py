@@ -241,10 +241,10 @@ def _relative(path: Path, root: Path) -> str:
 
 def _eval_stream(args, root: Path, out: Path, backbone) -> int:
     """``eval --stream``: one line per camera set-up through the service's engine (stream_eval.py)."""
-    from musc_stream.evaluation.stream_eval import run_stream_eval, stream_report_markdown
-    from musc_stream.model.musc import MuscSettings
     from pydantic import ValidationError
 
+    from musc_stream.evaluation.stream_eval import run_stream_eval, stream_report_markdown
+    from musc_stream.model.musc import MuscSettings
     from musc_stream.service.config import explain_validation_error, settings_with
 
     try:  # the engine's defaults, not the service's settings: runs stay comparable
