@@ -69,8 +69,9 @@ def test_painted_defect_scores_highest_and_gets_regions(backbone):
 
 
 def test_memory_holds_only_frames_judged_normal(backbone):
+    # drift off: with random weights a painted 6 % square moves the whole mean patch token (changeover.py)
     config = EngineConfig(window_size=6, min_references=5, threshold_min_history=5, threshold_k_mad=3.0, threshold_method="mad",
-                          memory_patches_per_frame=10)
+                          memory_patches_per_frame=10, drift_threshold=None)
     engine = Engine(backbone, config)
     decisions = run(engine, frames_for("a", crops(data.brick(), 24, seed=2, defects={18, 21})))
     normal = [d for d in decisions if not d.is_anomaly]
@@ -104,7 +105,7 @@ def test_lines_are_independent_and_reset_starts_over(backbone):
 
 
 def test_drift_to_another_product_triggers_changeover(backbone):
-    engine = Engine(backbone, EngineConfig(window_size=8, min_references=5, drift_threshold=0.02,
+    engine = Engine(backbone, EngineConfig(window_size=8, min_references=5, drift_threshold=3.0,
                                            drift_patience=3))
     run(engine, frames_for("a", crops(data.brick(), 10, seed=6)))
     after = run(engine, frames_for("a", crops(data.gravel(), 8, seed=6), start=10))

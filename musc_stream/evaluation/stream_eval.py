@@ -414,7 +414,7 @@ def _count(rate: float | None, total: int) -> int:
 
 
 def _config_summary(config: EngineConfig) -> dict:
-    keys = ("window_size", "min_references", "r_list", "score_mode", "aligned", "drift_threshold",
+    keys = ("window_size", "min_references", "r_list", "score_mode", "aligned", "drift_threshold", "drift_feature",
             "drift_patience", "memory_enabled", "memory_r_list", "memory_max_patches", "image_score",
             "target_false_alarms_per_1000", "threshold_method")
     return {k: getattr(config, k) for k in keys if hasattr(config, k)}
