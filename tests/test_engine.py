@@ -71,7 +71,8 @@ def test_painted_defect_scores_highest_and_gets_regions(backbone):
 
 
 def test_memory_holds_only_frames_judged_normal(backbone):
-    settings = settings_with(engine={"window_size": 6, "min_references": 5}, memory={"patches_per_frame": 10},
+    # drift off: with random weights a painted 6 % square moves the whole mean patch token (changeover.py)
+    settings = settings_with(engine={"window_size": 6, "min_references": 5, "drift_threshold": None}, memory={"patches_per_frame": 10},
                              threshold={"min_history": 5, "k_mad": 3.0, "method": "mad"})
     engine = Engine(backbone, settings)
     decisions = run(engine, frames_for("a", crops(data.brick(), 24, seed=2, defects={18, 21})))
@@ -107,7 +108,7 @@ def test_lines_are_independent_and_reset_starts_over(backbone):
 
 
 def test_drift_to_another_product_triggers_changeover(backbone):
-    engine = Engine(backbone, settings_with(engine={"window_size": 8, "min_references": 5, "drift_threshold": 0.02,
+    engine = Engine(backbone, settings_with(engine={"window_size": 8, "min_references": 5, "drift_threshold": 3.0,
                                                     "drift_patience": 3}))
     run(engine, frames_for("a", crops(data.brick(), 10, seed=6)))
     after = run(engine, frames_for("a", crops(data.gravel(), 8, seed=6), start=10))

@@ -421,6 +421,7 @@ def _config_summary(settings: Settings) -> dict:
     e, m = settings.engine, settings.memory
     return {"window_size": e.window_size, "min_references": e.min_references, "r_list": settings.model.r_list,
             "score_mode": e.score_mode, "aligned": e.aligned, "drift_threshold": e.drift_threshold,
+            "drift_feature": e.drift_feature,
             "drift_patience": e.drift_patience, "memory_enabled": m.enabled, "memory_r_list": m.r_list,
             "memory_max_patches": m.max_patches_per_line, "image_score": e.image_score,
             "target_false_alarms_per_1000": settings.threshold.target_false_alarms_per_1000,

@@ -243,9 +243,14 @@ class EngineSettings(_Section):
     aligned: bool = Field(False, description="Compare each patch only with the same neighbourhood in other "
                           "frames (registered parts; MuSc issue #52).")
     aligned_radius: int = Field(1, ge=0, description="Neighbourhood radius in patches when aligned.")
-    drift_threshold: float | None = Field(0.25, gt=0, le=2, description="Cosine distance between a frame's "
-                                          "image feature and the window mean that counts as a product "
-                                          "changeover (line reset). null: never.")
+    drift_threshold: float | None = Field(3.0, gt=1, description="A frame this many times farther from its "
+                                          "nearest window frame than window frames are from each other (cosine "
+                                          "distance of drift features, stream/changeover.py) is drifting; "
+                                          "drift_patience such frames in a row are a changeover. null: never.")
+    drift_feature: Literal["patch_mean", "cls"] = Field("patch_mean", description="What drift compares: the "
+                                                         "mean patch token of the tapped layers (sees set-up and "
+                                                         "product changes) or the CLS image feature (blind to "
+                                                         "most; benchmarks/results/changeover.md).")
     drift_ratio: float | None = Field(1.5, gt=1, description="A frame whose median patch score exceeds this "
                                       "many times the line's usual median counts as drifting (a defect moves a "
                                       "few patches, a new product all of them). null: only drift_threshold.")

@@ -28,8 +28,9 @@ How a frame is scored (our streaming design; batch mode lives in model/batch.py)
   patches, so an idle line does not change its scale. Memory times are the service clock.
 - Warm-up batch: a line holds its first frames until ``min_references`` exist, then scores them with
   batch MuSc among themselves, so no score is ever NaN.
-- Changeover: a frame whose image feature is unlike every frame of the window (cosine drift above
-  ``drift_threshold``) is suspicious. It is scored against the window frozen before the run and
+- Changeover: a frame whose drift feature (mean patch token, changeover.py) is farther from every
+  window frame than ``drift_threshold`` times the window's own spread, or whose median patch score
+  is ``drift_ratio`` times the line's usual, is suspicious. It is scored against the window frozen before the run and
   kept out of window and memory. ``drift_patience`` suspicious frames in a row are a product
   changeover: the line is reset (its persisted state deleted) and the suspicious frames seed the new
   window. A normal frame in between ends the run and the suspects are forgotten. An explicit reset
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 from musc_stream.model.backbone import Backbone
 from musc_stream.model import stream_scorer
 from musc_stream.model.memory import MemoryMismatchError, PatchMemory
+from musc_stream.stream import changeover
 from musc_stream.stream.stage_timer import StageTimer
 from musc_stream.model.musc import (
     aligned_nearest_distances,
@@ -112,7 +114,7 @@ class _Embedded:
 
     frame: Frame
     sets: dict[str, torch.Tensor]  # set key → (L, C) unit-norm features (a _Sets)
-    image_feature: torch.Tensor  # (D,) unit-norm, on the host, for drift detection
+    drift_feature: torch.Tensor  # (D,) unit-norm, on the host, for drift detection (changeover.py)
     backbone_s: float
     queued_s: float
     memory_arrays: dict[str, np.ndarray] | None = None  # the memory's sets on the host, copied per batch
@@ -127,7 +129,7 @@ class _Window:
         self.capacity = capacity
         self.dtype = dtype
         self.buffers: dict[str, torch.Tensor] = {}
-        self.image_features: torch.Tensor | None = None  # (capacity, D)
+        self.drift_features: torch.Tensor | None = None  # (capacity, D)
         self.tags: list[int | None] = [None] * capacity
         self.count = 0
         self._next = 0
@@ -143,13 +145,13 @@ class _Window:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
-    def add(self, sets: dict[str, torch.Tensor], image_feature: torch.Tensor) -> None:
+    def add(self, sets: dict[str, torch.Tensor], drift_feature: torch.Tensor) -> None:
         if not self.buffers:
             self.buffers = {k: v.new_zeros((self.capacity, *v.shape), dtype=self.dtype) for k, v in sets.items()}
-            self.image_features = image_feature.new_zeros((self.capacity, *image_feature.shape))
+            self.drift_features = drift_feature.new_zeros((self.capacity, *drift_feature.shape))
         for key, value in sets.items():
             self.buffers[key][self._next] = value
-        self.image_features[self._next] = image_feature
+        self.drift_features[self._next] = drift_feature
         self.tags[self._next] = getattr(sets, "tag", None)
         self._next = (self._next + 1) % self.capacity
         self.count = min(self.capacity, self.count + 1)
@@ -157,10 +159,11 @@ class _Window:
     def references(self, key: str) -> torch.Tensor:
         return self.buffers[key][: self.count]  # (W, L, C); order does not matter to MSM
 
-    def best_similarity(self, image_feature: torch.Tensor) -> float:
+    def drift(self, drift_feature: torch.Tensor) -> float:
+        """How far a frame is from this window, in units of the window's own spread (changeover.py)."""
         if self.count == 0:
-            return 1.0
-        return float((self.image_features[: self.count] @ image_feature).max())
+            return 0.0
+        return changeover.drift_ratio(self.drift_features[: self.count], drift_feature)
 
 
 class LineState:
@@ -285,13 +288,14 @@ class Engine:
                 for li, tokens in enumerate(features.patch_tokens)
             }
             # on the host (one copy per batch): drift checks compare them frame by frame
-            image_features = F.normalize(features.image_features.float(), dim=-1).cpu()
+            drift = changeover.drift_features(features.patch_tokens, features.image_features,
+                                              self.settings.engine.drift_feature).cpu()
         per_frame_s = timer.stop() / len(frames)
         return [
             _Embedded(
                 frame=f,
                 sets=_Sets({k: v[i] for k, v in sets_per_r.items()}, next(self._tags)),
-                image_feature=image_features[i],
+                drift_feature=drift[i],
                 backbone_s=per_frame_s,
                 queued_s=max(0.0, started_at - f.received_at),
             )
@@ -468,13 +472,13 @@ class Engine:
         """Is this frame unlike the (frozen) window as a whole? Either its median patch is far from
         the window (``drift_ratio`` × the line's usual median patch score: a defect moves a few
         patches, a new product moves them all), or its image feature is far from every window
-        frame (cosine distance above ``drift_threshold``)."""
+        frame (more than ``drift_threshold`` times the window's own spread, changeover.py)."""
         ratio = self.settings.engine.drift_ratio
         if ratio is not None and len(state.levels) >= self.settings.engine.min_references:
             if level > ratio * float(np.median(state.levels)):
                 return True
         limit = self.settings.engine.drift_threshold
-        return limit is not None and 1.0 - state.window.best_similarity(item.image_feature) > limit
+        return limit is not None and state.window.drift(item.drift_feature) > limit
 
     def _changeover(self, state: LineState) -> None:
         suspects = list(state.suspects)
@@ -483,7 +487,7 @@ class Engine:
         state.reset()
         self._delete_persisted(state.line)
         for item in suspects:  # they are the new product: they seed the new window
-            state.window.add(item.sets, item.image_feature)
+            state.window.add(item.sets, item.drift_feature)
         state.changeover_pending = False  # this decision carries the changeover flag
 
     def _decide(self, state, item, patch_map, score: float, window_score: float | None,
@@ -519,7 +523,7 @@ class Engine:
         judged normal feed the threshold (steady regime only) and the memory; in warm-up, where
         nothing is judged, frames far above the warm-up's own scores stay out of the memory.
         True when the frame's patches went into the memory."""
-        state.window.add(item.sets, item.image_feature)
+        state.window.add(item.sets, item.drift_feature)
         if steady and not decision.is_anomaly:
             state.threshold.update(decision.score, False)
         if not self._memory_scores() or decision.is_anomaly:
