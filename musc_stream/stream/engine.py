@@ -519,11 +519,14 @@ class Engine:
 
     def _remember(self, state: LineState, item: _Embedded, decision: Decision, *, window_score: float,
                   steady: bool) -> bool:
-        """Every non-drifting frame joins the window (MSM tolerates a few defects there). Frames
-        judged normal feed the threshold (steady regime only) and the memory; in warm-up, where
-        nothing is judged, frames far above the warm-up's own scores stay out of the memory.
-        True when the frame's patches went into the memory."""
-        state.window.add(item.sets, item.drift_feature)
+        """Every non-drifting frame not alerted joins the window: an alerted one stays out, so a
+        defect a broken tool repeats is scored against a window without its copies and keeps
+        alerting (benchmarks/results/broken_tool.md). Frames judged normal feed the threshold
+        (steady regime only) and the memory; in warm-up, where nothing is judged, frames far above
+        the warm-up's own scores stay out of the memory. True when the frame's patches went into
+        the memory."""
+        if not decision.is_anomaly:
+            state.window.add(item.sets, item.drift_feature)
         if steady and not decision.is_anomaly:
             state.threshold.update(decision.score, False)
         if not self._memory_scores() or decision.is_anomaly:
