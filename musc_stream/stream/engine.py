@@ -81,9 +81,9 @@ if TYPE_CHECKING:  # the type only: the engine never loads settings (dependencie
 logger = logging.getLogger(__name__)
 
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_-]")
-_WARMUP_OUTLIER_K = 3.0
+_WARMUP_OUTLIER_K = 3.0  # warm-up frames above median + 3 robust σ of the warm-up stay out of memory
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_LEVEL_HISTORY = 32  # frames whose median patch score set a line's usual level (drift detection)  # warm-up frames above median + 3 robust σ of the warm-up stay out of memory
+_LEVEL_HISTORY = 32  # frames whose median patch score set a line's usual level (drift detection)
 
 
 def distance_dtype(name: str) -> torch.dtype | None:
