@@ -396,3 +396,13 @@ def test_a_group_given_a_value_and_an_unknown_table_say_what_to_write(tmp_path):
         load_settings(env={"MUSC_FRAMES__FORMATS": "JPEG"})
     with pytest.raises(ConfigError, match=r"\[mqt\]: unknown settings area; did you mean \[mqtt\]\?"):
         load_settings(_write(tmp_path, '[mqt]\nhost = "x"\n'), env={})
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "settings").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_benchmark_settings_files_load_and_change_something(path):
+    """Settings files the benchmarks pass with --config are valid settings (an unknown key would
+    fail here, not halfway through a benchmark), and each differs from the defaults."""
+    from musc_stream.service.config import Settings, load_settings
+
+    assert load_settings(path, env={}).model_dump() != Settings().model_dump()
