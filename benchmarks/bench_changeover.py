@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 from musc_stream.evaluation.datasets import load_image  # noqa: E402
-from musc_stream.evaluation.stream_eval import _changeover, build_lines, embed_cached  # noqa: E402
+from musc_stream.evaluation.stream_eval import build_lines, changeover_run, embed_cached  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
 from musc_stream.stream.changeover import drift_features, drift_ratio  # noqa: E402
 from musc_stream.service.config import settings_with  # noqa: E402
@@ -127,7 +127,7 @@ def main() -> int:
             for b in lines:
                 if a is b:
                     continue
-                out = _changeover(backbone, settings, a, b, full)
+                out = changeover_run(backbone, settings, a, b, full)
                 out["from"] = a.name
                 pairs.append(out)
                 print(f"engine {a.name} -> {b.name}: {out}", flush=True)

@@ -347,7 +347,7 @@ def run_stream_eval(
             entry["modes"][mode] = metrics
         if changeover and len(lines) > 1:
             other = lines[(li + 1) % len(lines)]
-            entry["changeover"] = _changeover(backbone, settings, line, other, embedded)
+            entry["changeover"] = changeover_run(backbone, settings, line, other, embedded)
         rows.append(entry)
     return {"root": str(root), "n_frames": n_frames, "anomaly_rate": anomaly_rate, "seed": seed,
             "backbone": backbone.spec.name, "weights": backbone.weights_label, "image_size": side,
@@ -363,8 +363,10 @@ def _pixel(line: StreamLine, maps: list[np.ndarray]) -> dict[str, float]:
     return {f"pixel_{k}": v for k, v in pixel_metrics(masks, up).items()}
 
 
-def _changeover(backbone, settings, line: StreamLine, other: StreamLine, embedded) -> dict:
-    """Line ``line`` runs its normals, then ``other``'s normals arrive unannounced."""
+def changeover_run(backbone, settings, line: StreamLine, other: StreamLine, embedded) -> dict:
+    """Line ``line`` runs 60 of its normals, then ``other``'s normals arrive unannounced: when the
+    engine detects the change, and the alerts after it (changeover_metrics). Public for
+    benchmarks/bench_changeover.py, which runs every ordered pair of set-ups."""
     images_a, feats_a, _ = embedded[line.name]
     images_b, feats_b, _ = embedded[other.name]
     keep_a = [i for i, s in enumerate(line.samples) if s.label == 0][:60]
