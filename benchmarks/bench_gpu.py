@@ -90,7 +90,7 @@ def run_case(case: Case, args, tmp: Path) -> dict:
     images = [np.asarray(load_image(p)) for p in files]
     reset_peak()
     bb_fps = backbone_only(backbone, images, args.batch_size)
-    service_args = argparse.Namespace(image_size=case.image_size, batch_size=args.batch_size)
+    service_args = argparse.Namespace(image_size=case.image_size, batch_size=args.batch_size, config=None)
     rows = []
     for n in args.lines:
         reset_peak()
