@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", type=Path, default=None,
-                        help="a settings TOML (e.g. deploy/profiles/cpu-lean.toml); default: the defaults")
+                        help="a settings TOML (e.g. benchmarks/settings/cpu-lean.toml); default: the defaults")
     parser.add_argument("--out", default=str(RESULTS / "throughput"))
     args = parser.parse_args()
     probe = load_settings(args.config, env={})
