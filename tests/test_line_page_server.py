@@ -114,8 +114,21 @@ def test_board_forgets_pictures_of_frames_it_no_longer_shows_and_survives_a_bad_
     board.stop()
     snapshot = board.snapshot()["lines"]["l1"]
     assert [e["frame_id"] for e in snapshot["recent"]] == ["f5", "f4", "f3"]
-    assert board.picture("l1", "f0", "frame") is None and board.picture("l1", "f5", "frame") is not None
+    # f0…f2 are no longer shown; their pictures stay for 3 more frames (a page a snapshot behind)
+    assert all(board.picture("l1", f"f{i}", "frame") is not None for i in range(6))
     assert errors == [1] and board.errors == 1
+
+
+def test_board_forgets_a_picture_once_recent_more_frames_have_fallen_off():
+    board = Board(recent=3).start()
+    image = np.zeros((32, 32, 3), np.uint8)
+    for i in range(7):
+        board.offer(decision(f"f{i}", 0.1), image)
+    assert board.drain()
+    board.stop()
+    assert [e["frame_id"] for e in board.snapshot()["lines"]["l1"]["recent"]] == ["f6", "f5", "f4"]
+    assert board.picture("l1", "f0", "frame") is None  # fell off, then 3 more fell off after it
+    assert all(board.picture("l1", f"f{i}", "frame") is not None for i in range(1, 7))
 
 
 def test_port_in_use_is_one_line_naming_the_setting():

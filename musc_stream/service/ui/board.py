@@ -85,6 +85,7 @@ class _Line:
     last_changeover: dict | None = None
     reset_requested_at: float | None = None
     feedback: dict[str, str] = field(default_factory=dict)  # frame_id → verdict accepted by the service
+    fading: deque = field(default_factory=deque)  # frame ids no longer shown whose pictures are still kept
 
 
 def _num(value: float | None) -> float | None:
@@ -223,15 +224,24 @@ class Board:
         return state
 
     def _keep(self, state: _Line, kept: deque, entry: dict) -> None:
-        """Append, and forget the pictures of what falls off unless the other list still shows it."""
+        """Append; what falls off and the other list does not show loses its feedback mark, and its
+        pictures after ``recent`` more frames have fallen off: a page one snapshot behind still asks
+        for them (a 404 there was a flaky test and a broken image for the operator)."""
         kept.append(entry)
         while len(kept) > self.recent:
             old = kept.popleft()["frame_id"]
-            still = any(e["frame_id"] == old for e in state.recent) or any(e["frame_id"] == old for e in state.alerts)
-            if not still:
-                for kind in ("frame", "heatmap"):
-                    self._pictures.pop((state.line, old, kind), None)
+            if not self._shown(state, old):
                 state.feedback.pop(old, None)
+                state.fading.append(old)
+        while len(state.fading) > self.recent:
+            gone = state.fading.popleft()
+            if not self._shown(state, gone):
+                for kind in ("frame", "heatmap"):
+                    self._pictures.pop((state.line, gone, kind), None)
+
+    @staticmethod
+    def _shown(state: _Line, frame_id: str) -> bool:
+        return any(e["frame_id"] == frame_id for e in state.recent) or any(e["frame_id"] == frame_id for e in state.alerts)
 
     def wake(self) -> None:
         """Wake every ``wait`` now (the server is stopping)."""
