@@ -83,7 +83,7 @@ def measure_cost(backbone, settings, payloads: list[bytes], frames: int, batch: 
         t3 = time.perf_counter()
         forward, embed, score = forward + t1 - t0, embed + t2 - t1, score + t3 - t2
     per = 1000.0 / frames
-    return {"warm_frames": warm, "memory_patches": state.memory_size if engine._memory_scores() else 0,
+    return {"warm_frames": warm, "memory_patches": state.memory_size if engine.settings.memory_scores else 0,
             "forward_ms": forward * per, "embed_ms": embed * per, "score_ms": score * per,
             "bound": forward / (embed + score)}
 

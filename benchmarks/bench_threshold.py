@@ -57,6 +57,8 @@ RULES: list[tuple[str, dict]] = [
     ("quantile + 1σ margin", {"method": "quantile"}),
     ("quantile + 0.5σ margin", {"method": "quantile", "quantile_margin": 0.5}),
 ]
+# Hindsight only: the empirical quantile with no margin (below 200 scores: near the line's own maximum).
+HINDSIGHT_RULES = RULES[1:] + [("quantile, no margin", {"method": "quantile", "quantile_margin": 0.0})]
 MIN_HISTORIES = (5, 10, 20, 30)
 TARGETS = (1.0, 2.0, 5.0, 10.0, 20.0)
 CHECKPOINTS = (25, 50, 100, 150)
@@ -255,6 +257,31 @@ def evaluate_rule(lines: list[dict], settings: dict, policy: str, window: int) -
     }
 
 
+def hindsight_constant(lines: list[dict], settings: dict, window: int) -> dict:
+    """Each line's rule fitted once on all of its counted normal scores and held constant: the level
+    the rule aims at with no estimation from few scores and no drift over time. Its recall against
+    the fixed threshold with the same false alarms is the most an online version of the rule could
+    reach on these lines (in-sample, so optimistic)."""
+    tot = {"normals": 0, "false_alarms": 0, "defects": 0, "caught": 0, "fixed_caught": 0}
+    for line in lines:
+        start = counted_from(line, window)
+        s, y = np.asarray(line["score"], float)[start:], np.asarray(line["labels"])[start:]
+        rule = AdaptiveThreshold(**settings)
+        for score in s[y == 0]:
+            rule.update(score, False)
+        alerts = s > rule.value
+        fa = int((alerts & (y == 0)).sum())
+        tot["normals"] += int((y == 0).sum())
+        tot["false_alarms"] += fa
+        tot["defects"] += int((y == 1).sum())
+        tot["caught"] += int((alerts & (y == 1)).sum())
+        tot["fixed_caught"] += best_fixed_recall(s, y, fa)
+    return {**tot, "false_alarms_per_1000": 1000 * tot["false_alarms"] / max(tot["normals"], 1),
+            "recall": tot["caught"] / max(tot["defects"], 1),
+            "fixed_recall_same_fa": tot["fixed_caught"] / max(tot["defects"], 1),
+            "recall_vs_fixed": tot["caught"] / tot["fixed_caught"] if tot["fixed_caught"] else float("nan")}
+
+
 def counted_from(line: dict, window: int) -> int:
     """First frame counted: the last regime change (the line's first frames come before it)."""
     changes = regime_changes(line, window)
@@ -291,6 +318,7 @@ def analyse(lines: list[dict], args, settings: Settings) -> dict:
                                                 "restart", window)) for m in MIN_HISTORIES}
     targets = {f"{t:g}": pooled(evaluate_rule(more, {"target_false_alarms_per_1000": t, "method": DEFAULT_METHOD},
                                               "restart", window)) for t in TARGETS}
+    hindsight = {name: hindsight_constant(lines, {**base, **s}, window) for name, s in HINDSIGHT_RULES}
     policies = {name: {p: evaluate_rule(lines, {**base, **s}, p, window) for p in ("restart", "no-restart")}
                 for name, s in RULES[:4]}
     e, t = settings.engine, settings.threshold
@@ -308,7 +336,7 @@ def analyse(lines: list[dict], args, settings: Settings) -> dict:
         "frames": sum(len(line["score"]) for line in lines),
         "normal_frames": sum(len(line["labels"]) - sum(line["labels"]) for line in lines),
         "default_rule": default_rule, "rules": rules, "min_history": min_history, "targets": targets,
-        "policies": policies, "engine_as_run": engine_as_run(lines, window),
+        "policies": policies, "hindsight": hindsight, "engine_as_run": engine_as_run(lines, window),
         "regime_changes": {line["setup"]: regime_changes(line, window) for line in lines},
         "engine_keys": {line["setup"]: line["engine_key"] for line in lines},
     }
@@ -373,6 +401,17 @@ def markdown(result: dict) -> str:
               "| target / 1,000 " + header, "|---|---|---|---|---|---|---|"]
     for name, row in result["targets"].items():
         lines.append(_row(name, row))
+    lines += ["", "## The most a rule can reach here: fitted in hindsight, held constant (recorded)", "",
+              "Each line's rule fitted once on all of its counted normal scores (no estimation from few "
+              "scores, no change over time), then applied to the same frames. In-sample, so optimistic: an "
+              "online rule does no better than its row here.", "",
+              "| rule | false alarms / 1,000 | recall | best fixed-threshold recall at same false alarms | "
+              "recall / fixed |", "|---|---|---|---|---|"]
+    for name, r in result.get("hindsight", {}).items():
+        ratio = "—" if not np.isfinite(r["recall_vs_fixed"]) else f"{100 * r['recall_vs_fixed']:.0f} %"
+        lines.append(f"| {name} | {r['false_alarms_per_1000']:.1f} ({r['false_alarms']}/{r['normals']}) | "
+                     f"{100 * r['recall']:.1f} % ({r['caught']}/{r['defects']}) | "
+                     f"{100 * r['fixed_recall_same_fa']:.1f} % | {ratio} |")
     lines += ["", "## A line's first frames: restart at regime changes vs one history from frame 0 (recorded)", "",
               "Threshold at frame f divided by the same rule's value on all of the line's steady normal "
               "scores (median over lines); false alarms and recall over the counted frames.", "",

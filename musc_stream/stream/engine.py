@@ -316,7 +316,7 @@ class Engine:
         out: list[list[Decision]] = [[] for _ in items]
         with torch.no_grad():
             plan = _WindowPlan(self, items)
-            if self._memory_scores():
+            if self.settings.memory_scores:
                 _prefetch_memory_sets(items, self._memory_keys(items[0].sets))
             for step in _steps(items):
                 self._score_step(step, items, plan, out)
@@ -348,7 +348,7 @@ class Engine:
                 window_map, level = found
             self.window_paths[path] += 1
             drifting = self._drifts(state, item, level)
-            memory_map = self._memory_map(state, item) if self._memory_scores() else None
+            memory_map = self._memory_map(state, item) if self.settings.memory_scores else None
             ready.append((i, state, item, window_map, memory_map, level, drifting))
         if not ready:
             return
@@ -424,9 +424,6 @@ class Engine:
             in_memory = self._remember(state, item, decision, window_score=host[i][1], steady=False)
             self._keep_recent(state, item, decision, steady=False, in_memory=in_memory)
         return decisions
-
-    def _memory_scores(self) -> bool:
-        return self.settings.memory.enabled and self.settings.engine.score_mode != "window"
 
     def _window_map(self, state: LineState, sets: dict[str, torch.Tensor]) -> torch.Tensor:
         """One frame's window map against the line's window as it is (the serial path)."""
@@ -529,7 +526,7 @@ class Engine:
             state.window.add(item.sets, item.drift_feature)
         if steady and not decision.is_anomaly:
             state.threshold.update(decision.score, False)
-        if not self._memory_scores() or decision.is_anomaly:
+        if not self.settings.memory_scores or decision.is_anomaly:
             return False
         if decision.warmup:
             state.warmup_scores.append(window_score)
@@ -544,7 +541,7 @@ class Engine:
                      in_memory: bool) -> None:
         """Remember what a "not a defect" verdict on this frame would still have to add."""
         in_history = steady and not decision.is_anomaly and not decision.drift_suspected
-        needs_memory = self._memory_scores() and not in_memory
+        needs_memory = self.settings.memory_scores and not in_memory
         needs_history = steady and not in_history
         if not (needs_memory or needs_history):
             state.recent.learnt(decision.frame_id)
