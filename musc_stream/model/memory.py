@@ -4,7 +4,6 @@ model's device, searched exactly (musc_stream/model/knn.py) or, optionally, appr
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import faiss
 import numpy as np
 import torch
 
+from musc_stream.durable import fsync_path
 from musc_stream.model import knn
 from musc_stream.model.ivf import IvfIndex
 
@@ -615,13 +615,13 @@ class PatchMemory:
         }
         (tmp / _META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         for file in tmp.iterdir():
-            _fsync(file)
-        _fsync(tmp)
+            fsync_path(file)
+        fsync_path(tmp)
         if path_dir.exists():
             shutil.rmtree(old, ignore_errors=True)
             path_dir.rename(old)
         tmp.rename(path_dir)
-        _fsync(path_dir.parent)
+        fsync_path(path_dir.parent)
         shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
@@ -752,10 +752,3 @@ def _normalise_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
             raise TypeError(f"metadata keys must be str, got {key!r}")
     return json.loads(json.dumps(dict(metadata), sort_keys=True))
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

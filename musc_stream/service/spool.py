@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from musc_stream.service.sinks.audit import _fsync_dir  # one directory-fsync helper for both writers
+from musc_stream.durable import fsync_path
 from musc_stream.stream.records import Frame
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class FrameSpool:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.directory)
+        fsync_path(self.directory)
         return path
 
     def load(self) -> list[SpooledFrame]:

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from musc_stream.durable import fsync_path
 from musc_stream.model.memory import MemoryMismatchError, MemoryRows
 
 FORMAT = 2  # the segment format; 1 was PatchMemory.save's single folder
@@ -246,16 +247,8 @@ def _write_atomic(path: Path, data: bytes) -> int:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return len(data)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_generation(directory: Path, generation: int, dims: Mapping[str, int],

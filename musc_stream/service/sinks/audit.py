@@ -57,6 +57,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from musc_stream import __version__
+from musc_stream.durable import fsync_path
 from musc_stream.stream.records import Decision, FrameFailure, Region
 
 logger = logging.getLogger(__name__)
@@ -374,7 +375,7 @@ class AuditLog:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(seg.path.parent)
+        fsync_path(seg.path.parent)
         seg.durable_rows = seg.rows
 
     def _ensure_dir(self, path: Path) -> None:
@@ -390,7 +391,7 @@ class AuditLog:
             p = p.parent
         for d in reversed(missing):
             d.mkdir(exist_ok=True)
-            _fsync_dir(d.parent)
+            fsync_path(d.parent)
 
     def _acquire_directory_lock(self) -> int:
         fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
@@ -462,10 +463,3 @@ def _region_row(r: Region) -> dict[str, Any]:
     return {"x0": r.x0, "y0": r.y0, "x1": r.x1, "y1": r.y1, "score": float(r.score),
             "area_px": r.area_px}
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
