@@ -235,10 +235,7 @@ def evaluate_rule(lines: list[dict], settings: dict, policy: str, window: int) -
         tot["fixed_caught"] += best_fixed_recall(s, y, fa)
         tot["undecided_after_start"] += int(np.isnan(values[counted]).sum())
         aurocs.append(auroc(s, y))
-        # Steady level: the same rule on every steady normal score of the line, at once.
-        steady = AdaptiveThreshold(**settings)
-        for score in s[y == 0]:
-            steady.update(score, False)
+        steady = fitted_on_normals(settings, s[y == 0])  # the rule's steady level, for the checkpoints
         for c in CHECKPOINTS:
             if c < len(values) and np.isfinite(values[c]) and steady.value is not None:
                 levels[c].append(values[c] / steady.value)
@@ -246,11 +243,7 @@ def evaluate_rule(lines: list[dict], settings: dict, policy: str, window: int) -
                          "normals": int((y == 0).sum()), "caught": caught, "defects": int((y == 1).sum()),
                          "fixed_caught": best_fixed_recall(s, y, fa), "auroc": aurocs[-1]})
     return {
-        **tot,
-        "false_alarms_per_1000": 1000 * tot["false_alarms"] / max(tot["normals"], 1),
-        "recall": tot["caught"] / max(tot["defects"], 1),
-        "fixed_recall_same_fa": tot["fixed_caught"] / max(tot["defects"], 1),
-        "recall_vs_fixed": tot["caught"] / tot["fixed_caught"] if tot["fixed_caught"] else float("nan"),
+        **with_rates(tot),
         "auroc_mean": float(np.nanmean(aurocs)),
         "level_vs_steady": {str(c): float(np.median(v)) if v else None for c, v in levels.items()},
         "lines": per_line,
@@ -266,16 +259,26 @@ def hindsight_constant(lines: list[dict], settings: dict, window: int) -> dict:
     for line in lines:
         start = counted_from(line, window)
         s, y = np.asarray(line["score"], float)[start:], np.asarray(line["labels"])[start:]
-        rule = AdaptiveThreshold(**settings)
-        for score in s[y == 0]:
-            rule.update(score, False)
-        alerts = s > rule.value
+        alerts = s > fitted_on_normals(settings, s[y == 0]).value
         fa = int((alerts & (y == 0)).sum())
         tot["normals"] += int((y == 0).sum())
         tot["false_alarms"] += fa
         tot["defects"] += int((y == 1).sum())
         tot["caught"] += int((alerts & (y == 1)).sum())
         tot["fixed_caught"] += best_fixed_recall(s, y, fa)
+    return with_rates(tot)
+
+
+def fitted_on_normals(settings: dict, normals: np.ndarray) -> AdaptiveThreshold:
+    """The rule fed every one of ``normals`` at once: its level with all of a line's normal scores."""
+    rule = AdaptiveThreshold(**settings)
+    for score in normals:
+        rule.update(score, False)
+    return rule
+
+
+def with_rates(tot: dict) -> dict:
+    """Counts plus the rates the report prints: false alarms per 1,000, recall, fixed recall, ratio."""
     return {**tot, "false_alarms_per_1000": 1000 * tot["false_alarms"] / max(tot["normals"], 1),
             "recall": tot["caught"] / max(tot["defects"], 1),
             "fixed_recall_same_fa": tot["fixed_caught"] / max(tot["defects"], 1),
